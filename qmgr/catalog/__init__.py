@@ -1,0 +1,1 @@
+"""The catalog: SQLAlchemy models, engine setup, migrations and queries. No HTTP in here."""

@@ -1,0 +1,197 @@
+"""Catalog queries and updates. Functions take a session; the caller owns the transaction."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from qmgr.catalog.models import Blob, Model, Variant, VariantFile, VariantState, WatchedFolder
+from qmgr.errors import Conflict, NotFound, QmgrError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise QmgrError(
+            f"invalid model name {name!r}: use lowercase letters, digits, '.', '_' and '-' "
+            "(at most 128 characters, starting with a letter or digit)",
+            code="bad_name",
+        )
+    return name
+
+
+def _row(v: Any, m: Any, paths: list[str]) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "ref": f"{m.name}:{v.tag}",
+        "model": m.name,
+        "tag": v.tag,
+        "quant_type": v.quant_type,
+        "size": v.size,
+        "bits_per_weight": v.bits_per_weight,
+        "parameter_count": m.parameter_count,
+        "architecture": m.architecture,
+        "state": v.state,
+        "origin": v.origin,
+        "sha256": v.sha256,
+        "paths": paths,
+        "created_at": v.created_at.isoformat(),
+    }
+
+
+def variant_dict(v: Variant) -> dict[str, Any]:
+    """The API's view of a variant (one row of ``qmgr list``)."""
+    return _row(v, v.model, [f.blob.path for f in v.files])
+
+
+def list_rows(session: Session) -> list[dict[str, Any]]:
+    """Every variant as :func:`variant_dict` shows it, in two plain queries (no ORM objects:
+    ``qmgr list`` on a catalog of thousands of variants must stay fast)."""
+    paths: dict[int, list[str]] = {}
+    for variant_id, path in session.execute(
+        select(VariantFile.variant_id, Blob.path).join(Blob, VariantFile.blob_id == Blob.id)
+        .order_by(VariantFile.variant_id, VariantFile.shard)
+    ):
+        paths.setdefault(variant_id, []).append(path)
+    v, m = Variant.__table__.c, Model.__table__.c
+    query = (
+        select(v.id, v.tag, v.quant_type, v.size, v.bits_per_weight, v.state, v.origin,
+               v.sha256, v.created_at, m.name, m.parameter_count, m.architecture)
+        .join_from(Variant.__table__, Model.__table__, v.model_id == m.id)
+        .order_by(m.name, v.tag)
+    )
+    return [_row(r, r, paths.get(r.id, [])) for r in session.execute(query)]
+
+
+def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
+    """Everything ``qmgr show`` prints: the row, the header facts, the lineage."""
+    out = variant_dict(v)
+    out["facts"] = v.facts
+    out["recipe"] = v.recipe
+    out["source_ref"] = v.source_ref
+    lineage = []
+    parent = v.parent
+    while parent is not None and len(lineage) < 32:
+        lineage.append(f"{parent.model.name}:{parent.tag}")
+        parent = parent.parent
+    out["lineage"] = lineage
+    out["children"] = [
+        f"{c.model.name}:{c.tag}"
+        for c in session.scalars(select(Variant).where(Variant.parent_variant_id == v.id))
+    ]
+    return out
+
+
+def _variants_query():
+    return select(Variant).options(
+        selectinload(Variant.model), selectinload(Variant.files).selectinload(VariantFile.blob)
+    )
+
+
+def resolve(session: Session, ref: str) -> list[Variant]:
+    """Variants a reference names: ``NAME`` (all of a model), ``NAME:TAG``, or ``sha256:PREFIX``."""
+    if ref.startswith("sha256:"):
+        prefix = ref[len("sha256:") :].lower()
+        if not re.fullmatch(r"[0-9a-f]{8,64}", prefix):
+            raise QmgrError("a sha256 reference needs at least 8 hex digits", code="bad_ref")
+        query = _variants_query().where(Variant.sha256.startswith(prefix))
+        found = list(session.scalars(query))
+    else:
+        name, _, tag = ref.partition(":")
+        query = _variants_query().join(Variant.model).where(Model.name == name.lower())
+        if tag:
+            query = query.where(Variant.tag == tag)
+        found = list(session.scalars(query.order_by(Variant.tag)))
+    if not found:
+        raise NotFound(f"{ref!r} is not in the catalog (see `qmgr list`)")
+    return found
+
+
+def resolve_one(session: Session, ref: str) -> Variant:
+    found = resolve(session, ref)
+    if len(found) > 1:
+        tags = ", ".join(f"{v.model.name}:{v.tag}" for v in found)
+        raise Conflict(f"{ref!r} names {len(found)} variants ({tags}): name one of them",
+                       code="ambiguous_ref")
+    return found[0]
+
+
+def get_or_create_model(session: Session, name: str, facts: dict[str, Any]) -> Model:
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        model = Model(
+            name=check_name(name),
+            architecture=facts.get("architecture"),
+            parameter_count=facts.get("parameter_count"),
+        )
+        session.add(model)
+        session.flush()
+    return model
+
+
+def free_tag(session: Session, model: Model, wanted: str) -> str:
+    """``wanted`` if the model has no variant with that tag, else ``wanted-2``, ``-3``..."""
+    taken = set(session.scalars(select(Variant.tag).where(Variant.model_id == model.id)))
+    if wanted not in taken:
+        return wanted
+    n = 2
+    while f"{wanted}-{n}" in taken:
+        n += 1
+    return f"{wanted}-{n}"
+
+
+def get_or_create_blob(session: Session, sha256: str, size: int, path: str, in_store: bool,
+                       mtime_ns: int | None) -> Blob:
+    blob = session.scalar(select(Blob).where(Blob.sha256 == sha256))
+    if blob is None:
+        blob = Blob(sha256=sha256, size=size, path=path, in_store=in_store, mtime_ns=mtime_ns)
+        session.add(blob)
+        session.flush()
+    elif in_store and not blob.in_store:
+        # The store's copy is the one qmgr can vouch for: prefer it over an outside file.
+        blob.path, blob.in_store, blob.mtime_ns = path, True, mtime_ns
+    return blob
+
+
+def blobs_only_used_by(session: Session, variants: list[Variant]) -> list[Blob]:
+    """Blobs that no variant other than ``variants`` uses (safe to delete with them)."""
+    ids = {v.id for v in variants}
+    out = []
+    for v in variants:
+        for f in v.files:
+            users = set(session.scalars(
+                select(VariantFile.variant_id).where(VariantFile.blob_id == f.blob_id)
+            ))
+            if users <= ids and f.blob not in out:
+                out.append(f.blob)
+    return out
+
+
+def variants_under(session: Session, folder: str) -> list[Variant]:
+    prefix = folder.rstrip("/") + "/"
+    query = (
+        _variants_query().join(Variant.files).join(VariantFile.blob)
+        .where(Blob.path.startswith(prefix))
+    )
+    return list(session.scalars(query).unique())
+
+
+def set_state_for_blob(session: Session, blob: Blob, state: VariantState) -> int:
+    variants = session.scalars(
+        select(Variant).join(Variant.files).where(VariantFile.blob_id == blob.id)
+    ).unique()
+    n = 0
+    for v in variants:
+        if v.state != state:
+            v.state = state
+            n += 1
+    return n
+
+
+def watched_folders(session: Session) -> list[WatchedFolder]:
+    return list(session.scalars(select(WatchedFolder).order_by(WatchedFolder.path)))

@@ -1,0 +1,57 @@
+"""``qmgr status``, ``qmgr plugins``, ``qmgr daemon``."""
+
+from __future__ import annotations
+
+import click
+
+from qmgr.cli import cli, client, emit_json, table
+
+
+@cli.command(name="status")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the daemon's version, socket, data directory and catalog counts."""
+    out = client(ctx).get("/v1/status")
+    if as_json:
+        emit_json(out)
+        return
+    states = ", ".join(f"{n} {s}" for s, n in sorted(out["variants_by_state"].items()))
+    click.echo(f"qmgrd {out['version']} (pid {out['pid']}, up {out['uptime_s']:.0f} s)")
+    click.echo(f"socket    {out['socket']}")
+    click.echo(f"home      {out['home']}")
+    click.echo(f"catalog   {out['models']} models, {out['variants']} variants"
+               + (f" ({states})" if states else ""))
+    if out["plugin_errors"]:
+        click.echo(f"plugins   {out['plugin_errors']} errors: see `qmgr plugins`")
+
+
+@cli.command(name="plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """List the daemon's plugins: name, version, hooks, errors."""
+    out = client(ctx).get("/v1/plugins")
+    if as_json:
+        emit_json(out)
+        return
+    rows = [[p["name"], p["version"], "built-in" if p["builtin"] else "installed",
+             ", ".join(p["hooks"]) or "-"] for p in out]
+    click.echo(table(rows, ["NAME", "VERSION", "KIND", "HOOKS"]))
+    for p in out:
+        for e in p["errors"]:
+            click.echo(f"Error: plugin {p['name']}: {e}", err=True)
+
+
+@cli.command(name="daemon")
+@click.option("--system", is_flag=True, default=None,
+              help="Run as the system service (/run/qmgr, /var/lib/qmgr).")
+@click.option("--home", metavar="DIR", help="Data directory (catalog and store).")
+@click.pass_context
+def daemon(ctx: click.Context, system: bool | None, home: str | None) -> None:
+    """Run the daemon in the foreground (what `qmgrd` does)."""
+    from qmgr import settings
+    from qmgr.daemon.main import run
+
+    root = ctx.find_root().obj or {}
+    ctx.exit(run(settings.load(system=system, socket=root.get("socket"), home=home)))

@@ -1,0 +1,1 @@
+"""qmgrd: the daemon. Imports SQLAlchemy, numpy and plugins; the client never imports this."""

@@ -1,0 +1,171 @@
+"""Cataloging GGUF files that are already on disk: ``qmgr import`` and watched folders.
+
+Untrusted input: the header is read with qmgr's bounded reader before anything else, the bytes
+are hashed before a row is written, and a variant becomes ``ready`` in the same transaction that
+records its blobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qmgr import gguf
+from qmgr.catalog import queries
+from qmgr.catalog.db import Catalog
+from qmgr.catalog.models import Origin, Variant, VariantFile, VariantState
+from qmgr.errors import GGUFError, QmgrError
+from qmgr.store import Store, hash_file
+
+log = logging.getLogger(__name__)
+
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+QUANT_SUFFIX_RE = re.compile(
+    r"[-._](?:u?[fF](?:16|32)|[bB][fF]16|I?Q\d[A-Za-z0-9_]*|TQ\d_\d|MXFP4)$", re.IGNORECASE
+)
+# Names with control characters or newlines would corrupt logs and listings.
+BAD_NAME_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass
+class ShardFile:
+    path: Path
+    facts: gguf.ModelFacts
+    sha256: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+
+
+def model_name_for(path: Path, facts: gguf.ModelFacts) -> str:
+    """A model name from the file name, without shard and quant suffixes: the name users see
+    on the model page (``gemma-3-270m-it-Q4_K_M.gguf`` -> ``gemma-3-270m-it``)."""
+    base = path.name
+    m = SHARD_RE.match(base)
+    stem = m.group("stem") if m else base.removesuffix(".gguf")
+    stem = QUANT_SUFFIX_RE.sub("", stem) or stem
+    slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    if not slug and facts.name:
+        slug = re.sub(r"[^a-z0-9._-]+", "-", facts.name.lower()).strip("-._")
+    return slug[:128] or "model"
+
+
+def check_file(path: Path) -> Path:
+    if BAD_NAME_RE.search(str(path)):
+        raise QmgrError(f"refusing a path with control characters: {str(path)!r}", code="bad_path")
+    if not path.is_absolute():
+        raise QmgrError(f"path must be absolute: {path}", code="bad_path")
+    if not path.exists():
+        raise QmgrError(f"no such file: {path}", code="not_found", http_status=404)
+    if not path.is_file():
+        raise QmgrError(f"not a regular file: {path}", code="bad_path")
+    if not os.access(path, os.R_OK):
+        raise QmgrError(f"the daemon (uid {os.getuid()}) cannot read {path}", code="forbidden",
+                        http_status=403)
+    return path
+
+
+def shard_paths(first: Path, facts: gguf.ModelFacts) -> list[Path]:
+    """All shard files of a split model, given its first shard."""
+    count = facts.split_count or 1
+    if count <= 1:
+        return [first]
+    m = SHARD_RE.match(first.name)
+    if not m or int(m.group("no")) != 1 or (facts.split_no or 0) != 0:
+        raise QmgrError(
+            f"{first.name} is shard {(facts.split_no or 0) + 1} of {count}: import the first "
+            "shard (NAME-00001-of-NNNNN.gguf)", code="not_first_shard")
+    stem = m.group("stem")
+    paths = [first.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise QmgrError(f"shards missing beside {first.name}: {', '.join(missing)}",
+                        code="missing_shards")
+    return paths
+
+
+def read_files(path: Path) -> list[ShardFile]:
+    """Read and check the header of a file (and of its shards); hash nothing yet."""
+    check_file(path)
+    facts = gguf.inspect(path)
+    shards = [ShardFile(path, facts)]
+    for i, p in enumerate(shard_paths(path, facts)[1:], start=1):
+        f = gguf.inspect(check_file(p))
+        if f.split_no != i or f.split_count != facts.split_count:
+            raise GGUFError(f"{p.name} says it is shard {(f.split_no or 0) + 1} of "
+                            f"{f.split_count}, expected {i + 1} of {facts.split_count}")
+        shards.append(ShardFile(p, f))
+    return shards
+
+
+def combined_facts(shards: list[ShardFile]) -> dict[str, Any]:
+    facts = shards[0].facts.to_dict()
+    if len(shards) > 1:
+        # Tensors are spread over the shards; the model's totals are their sums.
+        params = sum(s.facts.parameter_count for s in shards)
+        data = sum(s.facts.tensor_data_bytes for s in shards)
+        facts["parameter_count"] = params
+        facts["tensor_data_bytes"] = data
+        facts["bits_per_weight"] = 8 * data / params if params else None
+        types: dict[str, int] = {}
+        for s in shards:
+            for k, n in s.facts.tensor_types.items():
+                types[k] = types.get(k, 0) + n
+        facts["tensor_types"] = types
+    return facts
+
+
+def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = False,
+                 name: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Inspect, hash and catalog a GGUF file (in place, or copied into the store).
+
+    Returns the variant (as the API shows it) and whether it is new. Importing the same bytes again under the same
+    model returns the existing variant.
+    """
+    shards = read_files(path)
+    for s in shards:
+        st = s.path.stat()
+        s.mtime_ns = st.st_mtime_ns
+        if copy:
+            s.sha256, s.size, s.path = store.copy_in(s.path)
+        else:
+            s.sha256, s.size = hash_file(s.path)
+            if s.path.stat().st_mtime_ns != s.mtime_ns:
+                raise QmgrError(f"{s.path} changed while it was being hashed; try again",
+                                code="file_changed", http_status=409)
+    facts = combined_facts(shards)
+    model_name = queries.check_name(name) if name else model_name_for(path, shards[0].facts)
+    quant = facts.get("quant_type") or "unknown"
+    with catalog.writing() as session:
+        model = queries.get_or_create_model(session, model_name, facts)
+        for v in model.variants:
+            if v.sha256 == shards[0].sha256 and len(v.files) == len(shards):
+                if v.state != VariantState.READY:
+                    v.state = VariantState.READY
+                return queries.variant_dict(v), False
+        variant = Variant(
+            model=model,
+            tag=queries.free_tag(session, model, quant),
+            quant_type=facts.get("quant_type"),
+            file_type=facts.get("file_type"),
+            bits_per_weight=facts.get("bits_per_weight"),
+            size=sum(s.size for s in shards),
+            sha256=shards[0].sha256,
+            state=VariantState.READY,
+            origin=Origin.IMPORTED,
+            facts=facts,
+            source_ref=str(path),
+        )
+        session.add(variant)
+        for i, s in enumerate(shards):
+            blob = queries.get_or_create_blob(
+                session, s.sha256, s.size, str(s.path), in_store=copy,
+                mtime_ns=s.path.stat().st_mtime_ns,
+            )
+            variant.files.append(VariantFile(shard=i, blob=blob))
+        session.flush()
+        log.info("cataloged %s:%s (%s, %d bytes)", model.name, variant.tag, path, variant.size)
+        return queries.variant_dict(variant), True

@@ -1,0 +1,38 @@
+"""The daemon's long-lived parts, opened in order at start and closed at stop."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from qmgr.catalog.db import Catalog
+from qmgr.daemon.recovery import Report, reconcile
+from qmgr.plugins import PluginSet
+from qmgr.settings import Settings
+from qmgr.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """Catalog, store, plugins and watcher: what every request handler works with."""
+
+    def __init__(self, settings: Settings):
+        from qmgr.daemon.watcher import Watcher
+
+        self.settings = settings
+        self.started = time.monotonic()
+        settings.home.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.store = Store(settings.store)
+        self.store.create()
+        self.catalog = Catalog(settings.database_url)
+        if self.catalog.migrate():
+            log.info("catalog migrated to the newest schema")
+        self.recovery: Report = reconcile(self.catalog, self.store)
+        self.plugins = PluginSet()
+        self.watcher = Watcher(self.catalog, self.store, settings.watch_settle)
+        self.watcher.start()
+
+    def close(self) -> None:
+        self.watcher.stop()
+        self.catalog.close()

@@ -1,0 +1,135 @@
+"""One settings object for the client and the daemon.
+
+Precedence: command-line flags, then environment (``QMGR_*``), then the config file
+(``$XDG_CONFIG_HOME/qmgr/config.toml`` for a user, ``/etc/qmgr/config.toml`` for the system
+service, or ``$QMGR_CONFIG``), then defaults. This module is on the client's start-up path: it
+imports nothing heavy, and reads the config file only if there is one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+SYSTEM_SOCKET = Path("/run/qmgr/qmgr.sock")
+SYSTEM_HOME = Path("/var/lib/qmgr")
+SYSTEM_CONFIG = Path("/etc/qmgr/config.toml")
+
+TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclasses.dataclass
+class Settings:
+    """Where the daemon listens and keeps its data, and how the client reaches it."""
+
+    system: bool = False
+    socket: Path = SYSTEM_SOCKET
+    home: Path = SYSTEM_HOME
+    database_url: str = ""
+    autostart: bool = True
+    # Seconds a file in a watched folder must keep its size before it is cataloged.
+    watch_settle: float = 2.0
+    log_level: str = "info"
+    config_file: Path | None = None
+    # Whether the socket was named (flag, environment, config) rather than defaulted.
+    socket_explicit: bool = False
+
+    @property
+    def store(self) -> Path:
+        return self.home / "store"
+
+    @property
+    def socket_dir_mode(self) -> int:
+        # The system socket's directory admits the qmgr group; a user's admits only the user.
+        return 0o750 if self.system else 0o700
+
+
+def user_runtime_dir() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "qmgr"
+    # No per-user runtime directory (containers, su sessions): a private one under /tmp.
+    return Path("/tmp") / f"qmgr-{os.getuid()}"
+
+
+def user_config_file() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "qmgr" / "config.toml"
+
+
+def user_data_home() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "qmgr"
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    from qmgr.errors import QmgrError
+
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise QmgrError(f"cannot read config file {path}: {e}", code="bad_config") from e
+
+
+def load(
+    *,
+    system: bool | None = None,
+    socket: str | None = None,
+    home: str | None = None,
+    autostart: bool | None = None,
+    env: dict[str, str] | None = None,
+) -> Settings:
+    """Settings from flags (the keyword arguments), environment and config file."""
+    env = dict(os.environ) if env is None else env
+    if system is None:
+        system = env.get("QMGR_SYSTEM", "").lower() in TRUE
+    config_path = Path(
+        env.get("QMGR_CONFIG") or (SYSTEM_CONFIG if system else user_config_file())
+    )
+    config = _read_config(config_path) if config_path.is_file() else {}
+
+    def pick(flag: Any, env_key: str, config_key: str) -> Any:
+        if flag is not None:
+            return flag
+        if env.get(env_key):
+            return env[env_key]
+        return config.get(config_key)
+
+    s = Settings(system=system, config_file=config_path if config else None)
+    s.home = Path(pick(home, "QMGR_HOME", "home") or (SYSTEM_HOME if system else user_data_home()))
+    chosen_socket = pick(socket, "QMGR_SOCKET", "socket")
+    if chosen_socket:
+        s.socket = Path(chosen_socket)
+        s.socket_explicit = True
+    elif system:
+        s.socket = SYSTEM_SOCKET
+    else:
+        s.socket = user_runtime_dir() / "qmgr.sock"
+    s.database_url = pick(None, "QMGR_DATABASE_URL", "database_url") or (
+        f"sqlite:///{s.home / 'catalog.db'}"
+    )
+    no_autostart = env.get("QMGR_NO_AUTOSTART", "").lower() in TRUE
+    s.autostart = autostart if autostart is not None else not no_autostart
+    settle = pick(None, "QMGR_WATCH_SETTLE", "watch_settle")
+    if settle is not None:
+        s.watch_settle = float(settle)
+    s.log_level = str(pick(None, "QMGR_LOG_LEVEL", "log_level") or "info").lower()
+    return s
+
+
+def client_socket(s: Settings) -> Path:
+    """The socket a client should try: the user's daemon, else a system daemon if one runs.
+
+    A user who installed the system service gets it without any flag; a user without one gets
+    a per-user daemon (autostarted) at the default path.
+    """
+    if s.socket_explicit or s.system or s.socket.exists() or not SYSTEM_SOCKET.exists():
+        return s.socket
+    return SYSTEM_SOCKET

@@ -1,0 +1,105 @@
+"""The content-addressed blob store: partial files, verification, atomic publication.
+
+Layout under ``$QMGR_HOME/store``: ``blobs/sha256-<hex>`` (published, verified bytes),
+``partial/`` (bytes still arriving), ``quarantine/`` (files found without a catalog row whose
+bytes do not match their name). Publication order: data fsynced, size and digest checked,
+renamed into ``blobs/``, directory fsynced; only then may the catalog mark a variant ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from qmgr.errors import QmgrError
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CHUNK = 1 << 20
+
+
+def check_digest(digest: str) -> str:
+    """A sha256 hex digest, validated before it names any file."""
+    if not SHA256_RE.match(digest):
+        raise QmgrError(f"not a sha256 digest: {digest[:80]!r}", code="bad_digest")
+    return digest
+
+
+def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+            if progress:
+                progress(size)
+    return h.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = root
+        self.blobs = root / "blobs"
+        self.partial = root / "partial"
+        self.quarantine = root / "quarantine"
+
+    def create(self) -> None:
+        for d in (self.blobs, self.partial, self.quarantine):
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / f"sha256-{check_digest(sha256)}"
+
+    def new_partial(self) -> Path:
+        return self.partial / f"{uuid.uuid4().hex}.partial"
+
+    def publish(self, partial: Path, sha256: str, size: int) -> Path:
+        """Move verified bytes into place. The caller has fsynced and checked them."""
+        target = self.blob_path(sha256)
+        if partial.stat().st_size != size:
+            raise QmgrError(f"refusing to publish {partial}: size differs from {size}")
+        if target.exists() and target.stat().st_size == size:
+            partial.unlink()  # identical bytes are stored once
+            return target
+        os.replace(partial, target)
+        fsync_dir(self.blobs)
+        return target
+
+    def copy_in(self, src: Path) -> tuple[str, int, Path]:
+        """Copy a file into the store while hashing it; returns (sha256, size, blob path)."""
+        partial = self.new_partial()
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with src.open("rb") as fin, partial.open("xb") as fout:
+                while chunk := fin.read(CHUNK):
+                    h.update(chunk)
+                    fout.write(chunk)
+                    size += len(chunk)
+                fout.flush()
+                os.fsync(fout.fileno())
+            sha = h.hexdigest()
+            return sha, size, self.publish(partial, sha, size)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def stale_partials(self) -> list[Path]:
+        return sorted(self.partial.glob("*.partial")) if self.partial.is_dir() else []

@@ -1,0 +1,148 @@
+"""Shared fixtures: a real qmgrd subprocess on a short temporary socket, and the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ggufmake import make_tiny_gguf  # noqa: E402
+
+BIN = Path(sys.executable).parent
+QMGR = str(BIN / "qmgr")
+QMGRD = str(BIN / "qmgrd")
+
+
+class Env:
+    """A private qmgr world: data home, socket, environment; and a daemon in it if started."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.home = root / "home"
+        self.socket = root / "run" / "qmgr.sock"
+        self.env = {
+            k: v for k, v in os.environ.items()
+            if not k.startswith(("QMGR_", "XDG_", "NOTIFY_SOCKET", "LISTEN_"))
+        }
+        self.env.update(
+            QMGR_HOME=str(self.home),
+            QMGR_SOCKET=str(self.socket),
+            QMGR_PLUGINS="",  # keep whatever happens to be installed out of the tests
+            QMGR_CONFIG=str(root / "config.toml"),
+            QMGR_WATCH_SETTLE="0.5",
+            XDG_DATA_HOME=str(root / "data"),
+            XDG_RUNTIME_DIR=str(root / "xdg-run"),
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def qmgr(self, *args: str, check: bool = True, input: str | None = None,
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([QMGR, *args], env=self.env, capture_output=True, text=True,
+                           input=input, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"qmgr {' '.join(args)} failed ({r.returncode}):\n"
+                                 f"{r.stdout}\n{r.stderr}")
+        return r
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.qmgr(*args, "--json").stdout)
+
+    def start(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
+        self.log = open(self.root / "qmgrd.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([QMGRD, *extra], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+        return self.proc
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is None or self.proc.poll() is None, self.daemon_log()
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.socket))
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("daemon did not come up:\n" + self.daemon_log())
+
+    def daemon_log(self) -> str:
+        text = ""
+        for p in (self.root / "qmgrd.log", self.home / "qmgrd.log"):
+            if p.exists():
+                text += p.read_text(errors="replace")
+        return text
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.log.close()
+
+    def kill_autostarted(self) -> None:
+        """Stop a daemon the client started (it is not our child)."""
+        pid = _socket_owner_pid(self)
+        if pid:
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(300):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.05)
+
+
+def _socket_owner_pid(env: Env) -> int | None:
+    if not env.socket.exists():
+        return None
+    from qmgr import settings
+    from qmgr.client import Client
+
+    s = settings.load(env=env.env, autostart=False)
+    try:
+        return int(Client(s, timeout=5).get("/v1/status")["pid"])
+    except Exception:
+        return None
+
+
+@pytest.fixture
+def qenv() -> Iterator[Env]:
+    # AF_UNIX paths are limited to 108 bytes: keep the root short, not under pytest's tmp_path.
+    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
+    env = Env(root)
+    try:
+        yield env
+    finally:
+        env.stop()
+        env.kill_autostarted()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(qenv: Env) -> Env:
+    """A running daemon (started by hand, as systemd would)."""
+    qenv.start()
+    return qenv
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    return make_tiny_gguf(tmp_path / "tiny-Q8_0.gguf", ftype="Q8_0")
