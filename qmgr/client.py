@@ -123,6 +123,11 @@ class Client:
 
     def request(self, method: str, path: str, body: Any = None,
                 query: dict[str, Any] | None = None) -> Any:
+        return self.request_raw(method, path, body, query).json()
+
+    def request_raw(self, method: str, path: str, body: Any = None,
+                    query: dict[str, Any] | None = None) -> Response:
+        """The daemon's answer as it came (JSON bytes); raises :class:`QmgrError` on errors."""
         if query:
             path += "?" + urlencode(query)
         payload = b"" if body is None else json.dumps(body).encode()
@@ -136,12 +141,15 @@ class Client:
             while data := s.recv(1 << 16):
                 chunks.append(data)
         response = _parse(b"".join(chunks))
-        data = response.json()
         if response.status >= 400:
+            try:
+                data = response.json()
+            except ValueError:
+                data = None
             err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
             raise QmgrError(err.get("message") or f"HTTP {response.status}",
                             code=err.get("code", "error"), http_status=response.status)
-        return data
+        return response
 
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)

@@ -69,6 +69,9 @@ class Catalog:
         self._write = sessionmaker(
             self.engine.execution_options(qmgr_write=True), expire_on_commit=False
         )
+        # Bumped after every write transaction. All writes go through this daemon, so an
+        # unchanged generation means unchanged data: answers can be cached against it.
+        self.generation = 0
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
@@ -78,8 +81,11 @@ class Catalog:
     @contextlib.contextmanager
     def writing(self) -> Iterator[Session]:
         """A transaction that holds the write lock from BEGIN and commits on success."""
-        with self._write() as session, session.begin():
-            yield session
+        try:
+            with self._write() as session, session.begin():
+                yield session
+        finally:
+            self.generation += 1
 
     def revision(self) -> str | None:
         with self.engine.connect() as conn:

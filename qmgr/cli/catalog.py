@@ -18,7 +18,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
     """List cataloged variants: name, quant, size, bits per weight, parameters, state."""
-    variants = client(ctx).get("/v1/variants")
+    raw = client(ctx).request_raw("GET", "/v1/variants")
+    if as_json and not sys.stdout.isatty():
+        # Programs get the daemon's JSON as it came: no decoding and re-encoding.
+        sys.stdout.buffer.write(raw.body + b"\n")
+        return
+    variants = raw.json()
     if as_json:
         emit_json(variants)
         return

@@ -104,9 +104,15 @@ def _count(items: Any) -> dict[str, int]:
 
 
 @endpoint("GET", "/v1/variants", "Every cataloged variant")
-def list_variants(d: Daemon, request: Request) -> list[dict[str, Any]]:
-    with d.catalog.reading() as session:
-        return queries.list_rows(session)
+def list_variants(d: Daemon, request: Request) -> Response:
+    # `qmgr list` is the command users run most: its answer is cached until the next write.
+    generation = d.catalog.generation
+    cached = d.cache.get("variants")
+    if cached is None or cached[0] != generation:
+        with d.catalog.reading() as session:
+            body = JSONResponse(queries.list_rows(session)).body
+        cached = d.cache["variants"] = (generation, body)
+    return Response(cached[1], media_type="application/json")
 
 
 @endpoint("GET", "/v1/variants/{ref:path}", "One variant with header facts and lineage")
@@ -252,7 +258,8 @@ def _route(d: Daemon, e: Endpoint) -> Route:
     async def handle(request: Request) -> Response:
         request.state.body = await request.body()
         # Catalog work blocks (SQLite, hashing): run it in the thread pool.
-        return JSONResponse(await run_in_threadpool(e.handler, d, request))
+        result = await run_in_threadpool(e.handler, d, request)
+        return result if isinstance(result, Response) else JSONResponse(result)
 
     return Route(e.path, handle, methods=[e.method], name=e.handler.__name__)
 

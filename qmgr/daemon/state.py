@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from qmgr.catalog.db import Catalog
 from qmgr.daemon.recovery import Report, reconcile
@@ -22,6 +23,8 @@ class Daemon:
 
         self.settings = settings
         self.started = time.monotonic()
+        # Answers cached against the catalog's generation (see Catalog.generation).
+        self.cache: dict[str, tuple[int, Any]] = {}
         settings.home.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.store = Store(settings.store)
         self.store.create()

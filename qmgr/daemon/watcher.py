@@ -3,7 +3,12 @@
 A file is cataloged when its size has not changed for ``settle`` seconds and its header is
 valid; a file that disappears marks its variants missing. Refused: symlinks that lead outside
 the watched folder, and names with control characters. Hidden files and names not ending in
-``.gguf`` are ignored (downloaders write to such names and rename when done).
+``.gguf`` are ignored (downloaders write to such names and rename when done), and so is
+everything under a hidden folder.
+
+Only events that can change a file's bytes or presence count: opening and reading a file (the
+watcher's own hashing, a backend loading the model) must not queue it again. A file already
+cataloged with the size and modification time it was verified with is not hashed again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ from qmgr.store import Store
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25
+
+# watchdog event types that can change a file's bytes or presence ("opened",
+# "closed_no_write" and "attrib" cannot).
+CHANGE_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
 
 
 class Watcher:
@@ -84,7 +93,8 @@ class Watcher:
             if row is None:
                 raise QmgrError(f"not watching {folder}", code="not_found", http_status=404)
             session.delete(row)
-        watch = self.watches.pop(real, None)
+        with self.lock:
+            watch = self.watches.pop(real, None)
         if watch is not None:
             self.observer.unschedule(watch)
 
@@ -95,6 +105,8 @@ class Watcher:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
+                if event.event_type not in CHANGE_EVENTS or event.is_directory:
+                    return
                 for attr in ("src_path", "dest_path"):
                     p = getattr(event, attr, "")
                     if p:
@@ -103,16 +115,21 @@ class Watcher:
         if not os.path.isdir(folder):
             log.warning("watched folder %s does not exist (yet)", folder)
             return
-        self.watches[folder] = self.observer.schedule(Handler(), folder, recursive=True)
-        for root, _dirs, files in os.walk(folder):
+        watch = self.observer.schedule(Handler(), folder, recursive=True)
+        with self.lock:
+            self.watches[folder] = watch
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             for name in files:
                 self.notice(folder, os.path.join(root, name))
 
     # -- events ------------------------------------------------------------------------------
 
     def notice(self, folder: str, path: str) -> None:
-        name = os.path.basename(path)
-        if name.startswith(".") or not name.endswith(".gguf"):
+        if not path.endswith(".gguf"):
+            return
+        relative = path[len(folder.rstrip("/")) + 1:] if path.startswith(folder) else path
+        if any(part.startswith(".") for part in relative.split("/")):
             return
         if BAD_NAME_RE.search(path):
             self._refuse(path, "the name contains control characters")
@@ -121,8 +138,13 @@ class Watcher:
             self.pending[path] = (-1, time.monotonic())
 
     def _refuse(self, path: str, reason: str) -> None:
+        entry = {"path": path, "reason": reason}
+        with self.lock:
+            # One file raises several events (created, modified, closed): report it once.
+            if entry in self.refused:
+                return
+            self.refused.append(entry)
         log.warning("watch: refused %r: %s", path, reason)
-        self.refused.append({"path": path, "reason": reason})
 
     def _run(self) -> None:
         while not self.stopping.wait(POLL_SECONDS):
@@ -134,24 +156,38 @@ class Watcher:
     def _tick(self) -> None:
         now = time.monotonic()
         ready: list[str] = []
+        gone: list[str] = []
         with self.lock:
             for path, (size, since) in list(self.pending.items()):
                 try:
                     current = os.stat(path).st_size
                 except OSError:
                     del self.pending[path]
-                    self._gone(path)
+                    gone.append(path)
                     continue
                 if current != size:
                     self.pending[path] = (current, now)
                 elif now - since >= self.settle:
                     del self.pending[path]
                     ready.append(path)
+        # Catalog work happens outside the lock (hashing takes long; events keep arriving),
+        # and one file's failure must not drop the others found in the same tick.
+        for path in gone:
+            self._guarded(self._gone, path)
         for path in ready:
-            self._catalog(path)
+            self._guarded(self._catalog, path)
+
+    def _guarded(self, action: Any, path: str) -> None:
+        try:
+            action(path)
+        except Exception as e:
+            log.exception("watch: error on %r", path)
+            self._refuse(path, f"unexpected error: {type(e).__name__}: {e}")
 
     def _folder_of(self, path: str) -> str | None:
-        for folder in self.watches:
+        with self.lock:
+            folders = list(self.watches)
+        for folder in folders:
             if path.startswith(folder.rstrip("/") + "/"):
                 return folder
         return None
@@ -164,6 +200,8 @@ class Watcher:
         if not real.startswith(folder.rstrip("/") + "/"):
             self._refuse(path, f"it is a link that leads outside {folder} (to {real})")
             return
+        if self._unchanged(path):
+            return
         try:
             variant, created = catalog_file(self.catalog, self.store, Path(path))
         except QmgrError as e:
@@ -172,8 +210,23 @@ class Watcher:
         if created:
             log.info("watch: cataloged %s as %s", path, variant["ref"])
 
+    def _unchanged(self, path: str) -> bool:
+        """Whether ``path`` is cataloged with its current size and modification time (then it
+        is ready again if it had gone missing). Blobs recorded at this path with other bytes
+        become ``modified``: the file was rewritten in place."""
+        st = os.stat(path)
+        with self.catalog.writing() as session:
+            same = False
+            for blob in session.scalars(select(Blob).where(Blob.path == path)):
+                if blob.size == st.st_size and blob.mtime_ns == st.st_mtime_ns:
+                    same = True
+                    queries.set_state_for_blob(session, blob, VariantState.READY)
+                else:
+                    queries.set_state_for_blob(session, blob, VariantState.MODIFIED)
+            return same
+
     def _gone(self, path: str) -> None:
         with self.catalog.writing() as session:
-            blob = session.scalar(select(Blob).where(Blob.path == path))
-            if blob is not None and queries.set_state_for_blob(session, blob, VariantState.MISSING):
-                log.info("watch: %s disappeared; its variants are missing", path)
+            for blob in session.scalars(select(Blob).where(Blob.path == path)):
+                if queries.set_state_for_blob(session, blob, VariantState.MISSING):
+                    log.info("watch: %s disappeared; its variants are missing", path)

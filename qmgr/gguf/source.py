@@ -1,0 +1,67 @@
+"""Byte sources: where the header reader gets its bytes from.
+
+The reader only ever asks for ``read_at(offset, size)`` and the total ``size``, so the same code
+can read a local file, an in-memory buffer, or (later) a remote file through HTTP Range requests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+
+class ByteSource(Protocol):
+    """Random access to the bytes of one file of known size."""
+
+    @property
+    def size(self) -> int:
+        """Total size of the file in bytes."""
+        ...
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Return up to ``size`` bytes starting at ``offset`` (fewer only at end of file)."""
+        ...
+
+
+class FileSource:
+    """A local file, read with positioned reads (no shared file position, no read-ahead)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            self._size = os.fstat(self._fd).st_size
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BytesSource:
+    """An in-memory file, for tests and for headers already fetched."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = bytes(data)
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        return self._data[offset : offset + size]
