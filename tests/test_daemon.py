@@ -173,6 +173,8 @@ def test_status_and_plugins(daemon: Env) -> None:
     st = daemon.json("status")
     assert st["socket"] == str(daemon.socket) and st["home"] == str(daemon.home)
     assert st["schema"] is not None and st["variants"] == 0
+    # The daemon knows who calls (SO_PEERCRED).
+    assert st["caller"]["uid"] == os.getuid() and st["caller"]["gid"] == os.getgid()
     plugins = daemon.json("plugins")
     cpu = next(p for p in plugins if p["name"] == "cpu_probe")
     assert cpu["builtin"] and cpu["hooks"] == ["register_probes"] and cpu["errors"] == []

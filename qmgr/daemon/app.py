@@ -27,6 +27,7 @@ from starlette.routing import Route
 import qmgr
 from qmgr.catalog import queries
 from qmgr.daemon.importer import catalog_file
+from qmgr.daemon.peercred import caller
 from qmgr.daemon.state import Daemon
 from qmgr.errors import QmgrError
 
@@ -93,6 +94,7 @@ def status(d: Daemon, request: Request) -> dict[str, Any]:
         "variants_by_state": _count(v["state"] for v in variants),
         "plugin_errors": sum(len(p["errors"]) for p in d.plugins.describe()),
         "recovery": d.recovery.__dict__,
+        "caller": caller(request.client),
     }
 
 

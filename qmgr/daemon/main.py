@@ -67,6 +67,7 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any) -> None:
     import uvicorn
 
     from qmgr.daemon.app import build_app
+    from qmgr.daemon.peercred import PeerCredProtocol
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -78,7 +79,7 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any) -> None:
             self.should_exit = True
 
     config = uvicorn.Config(
-        build_app(daemon), log_config=None, access_log=s.log_level == "debug",
+        build_app(daemon), http=PeerCredProtocol, log_config=None, access_log=s.log_level == "debug",
         lifespan="off", timeout_graceful_shutdown=10,
     )
     server = Server(config)
