@@ -33,7 +33,8 @@ def fill_catalog(home: Path, n: int) -> None:
               "Q4_0"]
     with catalog.writing() as session:
         for m in range(n // len(quants)):
-            model = Model(name=f"model-{m:04d}", architecture="llama", parameter_count=8_030_261_248)
+            model = Model(name=f"model-{m:04d}", architecture="llama",
+                          parameter_count=8_030_261_248)
             session.add(model)
             for q in quants:
                 sha = hashlib.sha256(f"{m}-{q}".encode()).hexdigest()

@@ -66,7 +66,8 @@ def test_path_and_rm(daemon: Env, tmp_path: Path) -> None:
     daemon.qmgr("import", "--copy", str(b))
     assert daemon.qmgr("path", "m:Q8_0").stdout.strip() == str(a)
     stored = Path(daemon.qmgr("path", "m:F16").stdout.strip())
-    assert stored.parent == daemon.home / "store" / "blobs" and stored.read_bytes() == b.read_bytes()
+    assert stored.parent == daemon.home / "store" / "blobs"
+    assert stored.read_bytes() == b.read_bytes()
     # Two variants: the bare name is ambiguous, and says which names exist.
     r = daemon.qmgr("path", "m", check=False)
     assert r.returncode == 1 and "m:F16, m:Q8_0" in r.stderr

@@ -33,7 +33,7 @@ def test_sigkill_at_random_moments_keeps_every_committed_row(qenv: Env, tmp_path
         client = _client(qenv)
         stop = threading.Event()
 
-        def importer() -> None:
+        def importer(client: Client = client, stop: threading.Event = stop) -> None:
             while pending and not stop.is_set():
                 f = pending[0]
                 try:

@@ -122,8 +122,8 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
                  name: str | None = None) -> tuple[dict[str, Any], bool]:
     """Inspect, hash and catalog a GGUF file (in place, or copied into the store).
 
-    Returns the variant (as the API shows it) and whether it is new. Importing the same bytes again under the same
-    model returns the existing variant.
+    Returns the variant (as the API shows it) and whether it is new. Importing the same bytes
+    again under the same model returns the existing variant.
     """
     shards = read_files(path)
     for s in shards:

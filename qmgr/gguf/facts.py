@@ -81,10 +81,11 @@ def _int_or_list(meta: dict[str, Any], key: str) -> int | list[int] | None:
     raise GGUFError(f"metadata key {key!r} should be an integer or a list of integers")
 
 
-def _first(value: int | list[int] | None) -> int | None:
-    """The value for layer 0, which is what llama.cpp derives head sizes from."""
+def _heads(value: int | list[int] | None) -> int | None:
+    """The head count to derive head sizes from: per-layer lists (hybrid models give 0 for
+    layers without attention) use their first attention layer."""
     if isinstance(value, list):
-        return value[0] if value else None
+        return next((v for v in value if v), None)
     return value
 
 
@@ -112,7 +113,7 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
 
     embd = _int(scoped, prefix + "embedding_length")
     head_count = _int_or_list(scoped, prefix + "attention.head_count")
-    n_head = _first(head_count)
+    n_head = _heads(head_count)
     default_head_dim = embd // n_head if embd is not None and n_head else None
     key_length = _int(scoped, prefix + "attention.key_length")
     value_length = _int(scoped, prefix + "attention.value_length")

@@ -7,7 +7,10 @@ can read a local file, an in-memory buffer, or (later) a remote file through HTT
 from __future__ import annotations
 
 import os
+import stat
 from typing import Protocol
+
+from qmgr.errors import GGUFError
 
 
 class ByteSource(Protocol):
@@ -27,9 +30,14 @@ class FileSource:
     """A local file, read with positioned reads (no shared file position, no read-ahead)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        # O_NONBLOCK so that a FIFO given by mistake cannot hang the open; no effect on files.
+        flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)
+        self._fd = os.open(path, flags)
         try:
-            self._size = os.fstat(self._fd).st_size
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise GGUFError(f"{os.fspath(path)!r} is not a regular file")
+            self._size = st.st_size
         except BaseException:
             os.close(self._fd)
             raise
