@@ -3,7 +3,11 @@
 Built-in behaviour is itself a list of plugin modules (:data:`DEFAULT_PLUGINS`): the core has no
 back door a third party could not use. Third-party plugins are distributions with an entry point
 in the ``qmgr`` group. Loading is guarded: a plugin that fails to import, declares an unknown
-hook, or raises inside a hook is recorded in :attr:`PluginSet.errors` and skipped.
+hook, or raises inside a hook is recorded in its :class:`PluginInfo` ``errors`` and skipped.
+
+What plugins register (sources, quantizers, probes, backends) is collected once per hook, on
+first use: :meth:`PluginSet.registered`. :meth:`PluginSet.describe` collects every kind first,
+so ``qmgr plugins`` also reports a plugin that raises while registering.
 
 Switches (environment):
 
@@ -15,9 +19,11 @@ Switches (environment):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 import os
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -31,9 +37,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PLUGINS = (
     "qmgr.builtin.cpu_probe",
+    "qmgr.builtin.hf_source",
+    "qmgr.builtin.ollama_source",
+    "qmgr.builtin.url_source",
 )
 
 ENTRY_POINT_GROUP = "qmgr"
+
+# Hooks whose only argument is ``register``: what they register is collected and kept.
+REGISTER_HOOKS = ("register_sources", "register_quantizers", "register_probes",
+                  "register_backends")
 
 
 @dataclasses.dataclass
@@ -57,17 +70,22 @@ def _split(value: str | None) -> set[str] | None:
 class PluginSet:
     """Loaded plugins and what they registered."""
 
-    def __init__(self, env: dict[str, str] | None = None, load_entry_points: bool = True):
+    def __init__(self, env: dict[str, str] | None = None, load_entry_points: bool = True,
+                 load_builtins: bool = True):
         env = dict(os.environ) if env is None else env
         self.pm = pluggy.PluginManager("qmgr")
         self.pm.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
+        self.registries: dict[str, list[Any]] = {}
+        # Request handlers run in a thread pool: collect each hook once, not once per thread.
+        self.lock = threading.RLock()
         self.allowed = _split(env.get("QMGR_PLUGINS"))
         self.disabled = _split(env.get("QMGR_DISABLE_PLUGINS")) or set()
-        for module_name in DEFAULT_PLUGINS:
+        for module_name in DEFAULT_PLUGINS if load_builtins else ():
             name = module_name.rsplit(".", 1)[-1]
             if name not in self.disabled:
-                self._load(name, qmgr.__version__, True, lambda m=module_name: importlib.import_module(m))
+                self._load(name, qmgr.__version__, True,
+                           functools.partial(importlib.import_module, module_name))
         if load_entry_points:
             self._load_entry_points()
 
@@ -75,7 +93,9 @@ class PluginSet:
         from importlib.metadata import entry_points
 
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name in self.disabled or (self.allowed is not None and ep.name not in self.allowed):
+            if ep.name in self.disabled or (
+                self.allowed is not None and ep.name not in self.allowed
+            ):
                 continue
             version = ep.dist.version if ep.dist is not None else "?"
             self._load(ep.name, version, False, ep.load)
@@ -85,7 +105,8 @@ class PluginSet:
         try:
             plugin = load()
             self.pm.register(plugin, name=name)
-        except Exception as e:  # a broken plugin must never take the daemon down
+        # A broken plugin must never take the daemon down, not even by calling sys.exit().
+        except (Exception, SystemExit) as e:
             info.errors.append(f"failed to load: {type(e).__name__}: {e}")
             log.warning("plugin %s failed to load: %s", name, e)
             return
@@ -96,20 +117,26 @@ class PluginSet:
             info.errors.append(f"invalid: {e}")
             log.warning("plugin %s is invalid: %s", name, e)
             return
-        info.hooks = sorted(
-            impl.function.__name__
-            for hook in self.pm.get_hookcallers(plugin) or []
-            for impl in hook.get_hookimpls()
-            if impl.plugin is plugin
-        )
+        # Hook names, not function names: a hookimpl may be named otherwise (``specname``).
+        info.hooks = sorted(hook.name for hook in self.pm.get_hookcallers(plugin) or [])
+        self.registries.clear()
 
     def register(self, plugin: Any, name: str, version: str = "test") -> None:
         """Register an in-process plugin object (tests use this; unregister in ``finally``)."""
         self._load(name, version, False, lambda: plugin)
 
     def unregister(self, name: str) -> None:
+        """Remove a plugin, loaded or not (safe in ``finally`` after a failed register)."""
         self.pm.unregister(name=name)
         self.info.pop(name, None)
+        self.registries.clear()
+
+    def registered(self, hook_name: str) -> list[Any]:
+        """What every plugin registered through ``hook_name`` (collected on first use)."""
+        with self.lock:
+            if hook_name not in self.registries:
+                self.registries[hook_name] = self.collect(hook_name)
+            return self.registries[hook_name]
 
     def collect(self, hook_name: str) -> list[Any]:
         """Call ``hook_name(register)`` on every plugin, one at a time, and gather what each
@@ -118,9 +145,11 @@ class PluginSet:
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             name = self.pm.get_name(impl.plugin) or "?"
             mine: list[Any] = []
+            # pluggy lets an implementation take fewer arguments than the spec names.
+            args = {"register": mine.append}
             try:
-                impl.function(register=mine.append)
-            except Exception as e:
+                impl.function(**{a: args[a] for a in impl.argnames})
+            except (Exception, SystemExit) as e:
                 detail = traceback.format_exception_only(type(e), e)[-1].strip()
                 error = f"{hook_name} raised {detail}"
                 errors = self.info[name].errors if name in self.info else []
@@ -132,4 +161,7 @@ class PluginSet:
         return collected
 
     def describe(self) -> list[dict[str, Any]]:
+        # Registering is where a plugin's code first runs: do it now so its errors show here.
+        for hook_name in REGISTER_HOOKS:
+            self.registered(hook_name)
         return [info.to_dict() for info in sorted(self.info.values(), key=lambda i: i.name)]

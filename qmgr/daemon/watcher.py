@@ -200,7 +200,11 @@ class Watcher:
         if not real.startswith(folder.rstrip("/") + "/"):
             self._refuse(path, f"it is a link that leads outside {folder} (to {real})")
             return
-        if self._unchanged(path):
+        try:
+            if self._unchanged(path):
+                return
+        except FileNotFoundError:  # gone since the last poll
+            self._gone(path)
             return
         try:
             variant, created = catalog_file(self.catalog, self.store, Path(path))
