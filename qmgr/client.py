@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from qmgr.errors import DaemonUnavailable, QmgrError
-from qmgr.settings import Settings, client_socket
+from qmgr.settings import Settings, check_private_dir, client_socket, user_runtime_dir
 
 AUTOSTART_WAIT_S = 30.0
 
@@ -44,7 +44,7 @@ def _dechunk(data: bytes) -> bytes:
         pos = end + 2 + size + 2
 
 
-def _parse(raw: bytes) -> Response:
+def _parse(raw: bytes, head_only: bool = False) -> Response:
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep:
         raise QmgrError("the daemon closed the connection without a complete answer",
@@ -55,9 +55,20 @@ def _parse(raw: bytes) -> Response:
     for line in lines[1:]:
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
-    if headers.get("transfer-encoding") == "chunked":
+    if headers.get("transfer-encoding") == "chunked" and not head_only:
         body = _dechunk(body)
     return Response(status, headers, body)
+
+
+def _raise_for(response: Response) -> None:
+    """The daemon's JSON error as a :class:`QmgrError` with its code."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
+    raise QmgrError(err.get("message") or f"HTTP {response.status}",
+                    code=err.get("code", "error"), http_status=response.status)
 
 
 class Client:
@@ -65,6 +76,8 @@ class Client:
         self.settings = settings
         self.socket_path = client_socket(settings)
         self.timeout = timeout
+        if self.socket_path.parent == user_runtime_dir() and not settings.socket_explicit:
+            check_private_dir(self.socket_path.parent)
 
     def _connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -142,22 +155,50 @@ class Client:
                 chunks.append(data)
         response = _parse(b"".join(chunks))
         if response.status >= 400:
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
-            err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
-            raise QmgrError(err.get("message") or f"HTTP {response.status}",
-                            code=err.get("code", "error"), http_status=response.status)
+            _raise_for(response)
         return response
 
-    def get(self, path: str, **query: Any) -> Any:
+    def stream_lines(self, path: str) -> Any:
+        """GET a newline-delimited JSON stream; yields one decoded object per line."""
+        with self.connect() as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: qmgrd\r\nConnection: close\r\n"
+                      "Accept: application/x-ndjson\r\n\r\n".encode())
+            f = s.makefile("rb")
+            head = b""
+            while (line := f.readline()) not in (b"\r\n", b"\n", b""):
+                head += line
+            response = _parse(head + b"\r\n", head_only=True)
+            if response.status >= 400:
+                _raise_for(_parse(head + b"\r\n" + f.read()))
+            chunked = response.headers.get("transfer-encoding") == "chunked"
+            buffer = b""
+            while True:
+                if chunked:
+                    size_line = f.readline()
+                    if not size_line:
+                        return
+                    size = int(size_line.split(b";")[0], 16)
+                    if size == 0:
+                        return
+                    data = f.read(size)
+                    f.readline()
+                else:
+                    data = f.read1(65536)
+                    if not data:
+                        return
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+
+    def get(self, path: str, /, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)
 
     def post(self, path: str, body: Any) -> Any:
         return self.request("POST", path, body)
 
-    def delete(self, path: str, **query: Any) -> Any:
+    def delete(self, path: str, /, **query: Any) -> Any:
         return self.request("DELETE", path, query=query or None)
 
 

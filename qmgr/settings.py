@@ -54,6 +54,34 @@ def user_runtime_dir() -> Path:
     return Path("/tmp") / f"qmgr-{os.getuid()}"
 
 
+def check_private_dir(path: Path, group_ok: bool = False) -> None:
+    """Refuse a socket directory someone else could have planted: it must be a real directory
+    (not a link), owned by us, and not writable (nor, for a user's, readable) by others.
+
+    ``/tmp/qmgr-UID`` is predictable, so another local user could create it first and serve
+    a socket of their own there.
+    """
+    import stat
+
+    from qmgr.errors import QmgrError
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    problem = None
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        problem = "is not a plain directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to you (uid {os.geteuid()})"
+    elif st.st_mode & (0o027 if group_ok else 0o077):
+        problem = f"is open to other users (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        raise QmgrError(f"refusing to use {path}: it {problem}; someone may be impersonating the "
+                        "daemon. Remove it, or set QMGR_SOCKET / XDG_RUNTIME_DIR.",
+                        code="unsafe_socket_dir")
+
+
 def user_config_file() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "qmgr" / "config.toml"

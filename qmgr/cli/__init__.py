@@ -30,7 +30,9 @@ class QmgrGroup(click.Group):
         self.plugins_loaded = True
         from qmgr.plugins import PluginSet
 
-        plugins = PluginSet()
+        # Built-in plugins add no commands (those live in this package) and import what the
+        # daemon needs (httpx...): the client loads only third-party plugins.
+        plugins = PluginSet(load_builtins=False)
         for impl in plugins.pm.hook.register_commands.get_hookimpls():
             try:
                 impl.function(cli=self)
@@ -126,4 +128,4 @@ def main() -> None:
 
 
 # The command families register themselves on ``cli``.
-from qmgr.cli import catalog, system, watch  # noqa: E402, F401
+from qmgr.cli import catalog, mirror, pull, service, system, watch  # noqa: E402, F401

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,111 @@ def remove_watch(d: Daemon, request: Request) -> dict[str, Any]:
     return {"removed": path}
 
 
+PULL_BODY = {
+    "type": "object", "required": ["ref"],
+    "properties": {"ref": {"type": "string"}, "insecure": {"type": "boolean"},
+                   "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}},
+}
+
+
+@endpoint("POST", "/v1/pulls", "Start a pull job (returns the job; follow /v1/jobs/{id}/events)",
+          body=PULL_BODY)
+def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
+    from qmgr.refs import parse
+
+    body = _json_body(request)
+    ref = body.get("ref")
+    if not isinstance(ref, str):
+        raise QmgrError("'ref' must be a string", code="bad_request")
+    parse(ref)  # a bad reference fails here, before a job exists
+    sha = body.get("sha256")
+    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise QmgrError("'sha256' must be 64 hex digits", code="bad_digest")
+    return d.jobs.submit("pull", {"ref": ref, "insecure": bool(body.get("insecure")),
+                                  "sha256": sha.lower() if sha else None})
+
+
+@endpoint("GET", "/v1/remote", "What a reference's source offers (?ref=REF[&insecure=1]"
+          "[&headers=0]): quant, size, sha256, and from each header read by HTTP Range, "
+          "parameters and bits per weight")
+def remote_variants(d: Daemon, request: Request) -> dict[str, Any]:
+    q = request.query_params
+    if not q.get("ref"):
+        raise QmgrError("give the reference as ?ref=REF", code="bad_request")
+    return d.puller.describe_remote(q["ref"], insecure=q.get("insecure") in ("1", "true"),
+                                    headers=q.get("headers") not in ("0", "false"))
+
+
+@endpoint("GET", "/v1/jobs", "Recent jobs, newest first")
+def list_jobs(d: Daemon, request: Request) -> list[dict[str, Any]]:
+    return d.jobs.list()
+
+
+@endpoint("GET", "/v1/jobs/{job_id:int}", "One job: state, progress, error, result")
+def show_job(d: Daemon, request: Request) -> dict[str, Any]:
+    return d.jobs.get(request.path_params["job_id"])
+
+
+@endpoint("POST", "/v1/jobs/{job_id:int}/cancel", "Cancel a job")
+def cancel_job(d: Daemon, request: Request) -> dict[str, Any]:
+    return d.jobs.cancel(request.path_params["job_id"])
+
+
+@endpoint("GET", "/v1/aliases", "Model names: the built-in table and the user's own")
+def list_aliases(d: Daemon, request: Request) -> list[dict[str, Any]]:
+    from qmgr.fetch.aliases import all_aliases
+
+    with d.catalog.reading() as session:
+        return all_aliases(session)
+
+
+ALIAS_BODY = {"type": "object", "required": ["name", "reference"],
+              "properties": {"name": {"type": "string"}, "reference": {"type": "string"}}}
+
+
+@endpoint("POST", "/v1/aliases", "Add or replace a user alias", body=ALIAS_BODY)
+def add_alias(d: Daemon, request: Request) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from qmgr.catalog.models import Alias
+    from qmgr.refs import parse
+
+    body = _json_body(request)
+    name, target = body.get("name"), body.get("reference")
+    if not isinstance(name, str) or not isinstance(target, str):
+        raise QmgrError("'name' and 'reference' must be strings", code="bad_request")
+    typed = parse(name)
+    if typed.kind != "alias" or typed.quant:
+        raise QmgrError(f"alias name {name!r} must be a plain name (no ':' or '/')",
+                        code="bad_name")
+    if parse(target).kind == "alias":
+        raise QmgrError("an alias must point at a repository, not at another name",
+                        code="bad_ref")
+    with d.catalog.writing() as session:
+        alias = session.scalar(select(Alias).where(Alias.name == typed.name))
+        if alias is None:
+            session.add(Alias(name=typed.name, reference=target))
+        else:
+            alias.reference = target
+    return {"name": typed.name, "reference": target}
+
+
+@endpoint("DELETE", "/v1/aliases/{name}", "Remove a user alias")
+def remove_alias(d: Daemon, request: Request) -> dict[str, Any]:
+    from sqlalchemy import select
+
+    from qmgr.catalog.models import Alias
+
+    name = request.path_params["name"]
+    with d.catalog.writing() as session:
+        alias = session.scalar(select(Alias).where(Alias.name == name))
+        if alias is None:
+            raise QmgrError(f"no user alias {name!r} (built-in names cannot be removed)",
+                            code="not_found", http_status=404)
+        session.delete(alias)
+    return {"removed": name}
+
+
 @endpoint("GET", "/v1/plugins", "Loaded plugins: name, version, hooks, errors")
 def list_plugins(d: Daemon, request: Request) -> list[dict[str, Any]]:
     return d.plugins.describe()
@@ -225,7 +331,7 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     error = {"$ref": "#/components/schemas/Error"}
     for e in ENDPOINTS:
-        path = e.path.replace(":path}", "}")
+        path = re.sub(r":\w+}", "}", e.path)
         op: dict[str, Any] = {
             "summary": e.summary,
             "operationId": e.handler.__name__,
@@ -235,14 +341,27 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
                             "content": {"application/json": {"schema": error}}},
             },
         }
-        params = [p.strip("{}").split(":")[0] for p in e.path.split("/") if p.startswith("{")]
+        params = [p.strip("{}").split(":") for p in e.path.split("/") if p.startswith("{")]
         if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": {"type": "string"}} for p in params]
+            op["parameters"] = [
+                {"name": p[0], "in": "path", "required": True,
+                 "schema": {"type": "integer" if p[1:] == ["int"] else "string"}}
+                for p in params
+            ]
         if e.body:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": e.body}}}
         paths.setdefault(path, {})[e.method.lower()] = op
+    paths["/v1/jobs/{job_id}/events"] = {"get": {
+        "summary": "A job's progress as newline-delimited JSON, until it ends",
+        "operationId": "job_events",
+        "parameters": [{"name": "job_id", "in": "path", "required": True,
+                        "schema": {"type": "integer"}}],
+        "responses": {"200": {"description": "job states",
+                              "content": {"application/x-ndjson": {"schema": {}}}},
+                      "default": {"description": "Error",
+                                  "content": {"application/json": {"schema": error}}}},
+    }}
     return {
         "openapi": "3.1.0",
         "info": {"title": app_title, "version": qmgr.__version__},
@@ -270,9 +389,46 @@ def _error_response(code: str, message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+async def job_events(d: Daemon, request: Request) -> Response:
+    """Newline-delimited JSON: the job as it changes, ending with its final state."""
+    import asyncio
+    import json
+
+    from starlette.responses import StreamingResponse
+
+    from qmgr.daemon.jobs import TERMINAL
+
+    job_id = request.path_params["job_id"]
+    first = await run_in_threadpool(d.jobs.get, job_id)  # 404 before the stream starts
+
+    async def events() -> Any:
+        last = -1
+        current = first
+        while True:
+            handle = d.jobs.handles.get(job_id)
+            if handle is None:
+                yield json.dumps(current) + "\n"
+                return
+            if handle.version != last:
+                last = handle.version
+                current = handle.to_dict()
+                yield json.dumps(current) + "\n"
+                if current["state"] in TERMINAL:
+                    return
+            await asyncio.sleep(0.1)
+
+    return StreamingResponse(events(), media_type="application/x-ndjson")
+
+
 def build_app(d: Daemon) -> Starlette:
     document = openapi()
     routes = [_route(d, e) for e in ENDPOINTS]
+
+    async def events_route(request: Request) -> Response:
+        return await job_events(d, request)
+
+    routes.append(Route("/v1/jobs/{job_id:int}/events", events_route, methods=["GET"],
+                        name="job_events"))
     routes.append(Route("/openapi.json", lambda r: JSONResponse(document), methods=["GET"]))
 
     async def on_qmgr_error(request: Request, exc: Exception) -> Response:

@@ -19,14 +19,11 @@ from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Origin, Variant, VariantFile, VariantState
 from qmgr.errors import GGUFError, QmgrError
+from qmgr.fetch.remote import SHARD_RE, strip_quant_suffix
 from qmgr.store import Store, hash_file
 
 log = logging.getLogger(__name__)
 
-SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-QUANT_SUFFIX_RE = re.compile(
-    r"[-._](?:u?[fF](?:16|32)|[bB][fF]16|I?Q\d[A-Za-z0-9_]*|TQ\d_\d|MXFP4)$", re.IGNORECASE
-)
 # Names with control characters or newlines would corrupt logs and listings.
 BAD_NAME_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -46,7 +43,7 @@ def model_name_for(path: Path, facts: gguf.ModelFacts) -> str:
     base = path.name
     m = SHARD_RE.match(base)
     stem = m.group("stem") if m else base.removesuffix(".gguf")
-    stem = QUANT_SUFFIX_RE.sub("", stem) or stem
+    stem = strip_quant_suffix(stem)
     slug = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
     if not slug and facts.name:
         slug = re.sub(r"[^a-z0-9._-]+", "-", facts.name.lower()).strip("-._")
@@ -138,13 +135,30 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
                                 code="file_changed", http_status=409)
     facts = combined_facts(shards)
     model_name = queries.check_name(name) if name else model_name_for(path, shards[0].facts)
-    quant = facts.get("quant_type") or "unknown"
+    return record_variant(catalog, model_name, shards, facts, origin=Origin.IMPORTED,
+                          source_ref=str(path), in_store=copy)
+
+
+def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
+                   facts: dict[str, Any], *, origin: Origin, source_ref: str, in_store: bool,
+                   tag: str | None = None) -> tuple[dict[str, Any], bool]:
+    """Catalog verified files as a ready variant of ``model_name`` in one transaction.
+
+    The same bytes already cataloged under that model make no second variant; the same bytes
+    under another model share the blob.
+    """
+    quant = tag or facts.get("quant_type") or "unknown"
     with catalog.writing() as session:
         model = queries.get_or_create_model(session, model_name, facts)
         for v in model.variants:
             if v.sha256 == shards[0].sha256 and len(v.files) == len(shards):
                 if v.state != VariantState.READY:
                     v.state = VariantState.READY
+                for f, s in zip(v.files, shards, strict=True):
+                    if f.blob.path == str(s.path):
+                        # Same bytes, re-verified now: remember the current mtime, or the next
+                        # start would think the file changed.
+                        f.blob.mtime_ns = s.path.stat().st_mtime_ns
                 return queries.variant_dict(v), False
         variant = Variant(
             model=model,
@@ -155,17 +169,18 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
             size=sum(s.size for s in shards),
             sha256=shards[0].sha256,
             state=VariantState.READY,
-            origin=Origin.IMPORTED,
+            origin=origin,
             facts=facts,
-            source_ref=str(path),
+            source_ref=source_ref,
         )
         session.add(variant)
         for i, s in enumerate(shards):
             blob = queries.get_or_create_blob(
-                session, s.sha256, s.size, str(s.path), in_store=copy,
+                session, s.sha256, s.size, str(s.path), in_store=in_store,
                 mtime_ns=s.path.stat().st_mtime_ns,
             )
             variant.files.append(VariantFile(shard=i, blob=blob))
         session.flush()
-        log.info("cataloged %s:%s (%s, %d bytes)", model.name, variant.tag, path, variant.size)
+        log.info("cataloged %s:%s (%s, %d bytes)", model.name, variant.tag, source_ref,
+                 variant.size)
         return queries.variant_dict(variant), True

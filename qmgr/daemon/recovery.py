@@ -5,7 +5,9 @@ Runs after migrations and before the daemon reports READY:
 - a blob whose file is gone makes its variants ``missing``; one that came back with the size and
   modification time it was verified with makes them ``ready`` again; one whose size changed
   makes them ``modified`` (re-import to verify the new bytes);
-- partial files left by an interrupted copy are removed;
+- a partial download (``.partial`` with its ``.state``) is kept for the pull that resumes it,
+  unless it is older than ``partial_max_age`` (default 7 days); other partial files (an
+  interrupted copy) are removed;
 - a file in ``store/blobs`` without a catalog row is hashed: kept if its bytes match its name (a
   later import or pull of the same bytes adopts it), quarantined otherwise.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -32,11 +35,15 @@ class Report:
     restored: int = 0
     modified: int = 0
     partials_removed: int = 0
+    partials_kept: int = 0
     orphans_kept: int = 0
     quarantined: list[str] = field(default_factory=list)
 
 
-def reconcile(catalog: Catalog, store: Store) -> Report:
+PARTIAL_MAX_AGE_S = 7 * 24 * 3600
+
+
+def reconcile(catalog: Catalog, store: Store, partial_max_age: float = PARTIAL_MAX_AGE_S) -> Report:
     report = Report()
     with catalog.writing() as session:
         known = set()
@@ -53,9 +60,23 @@ def reconcile(catalog: Catalog, store: Store) -> Report:
                 report.restored += queries.set_state_for_blob(session, blob, VariantState.READY)
             else:
                 report.modified += queries.set_state_for_blob(session, blob, VariantState.MODIFIED)
+    now = time.time()
     for partial in store.stale_partials():
+        state = partial.with_suffix(".state")
+        try:
+            fresh = state.exists() and now - state.stat().st_mtime < partial_max_age
+        except OSError:
+            fresh = False
+        if fresh:
+            report.partials_kept += 1
+            continue
         partial.unlink(missing_ok=True)
+        state.unlink(missing_ok=True)
         report.partials_removed += 1
+    if store.partial.is_dir():
+        for state in store.partial.glob("*.state"):
+            if not state.with_suffix(".partial").exists():
+                state.unlink(missing_ok=True)
     if store.blobs.is_dir():
         for path in store.blobs.iterdir():
             digest = path.name.removeprefix("sha256-")

@@ -19,7 +19,9 @@ class Daemon:
     """Catalog, store, plugins and watcher: what every request handler works with."""
 
     def __init__(self, settings: Settings):
+        from qmgr.daemon.jobs import JobRunner
         from qmgr.daemon.watcher import Watcher
+        from qmgr.fetch.pull import Puller
 
         self.settings = settings
         self.started = time.monotonic()
@@ -35,7 +37,12 @@ class Daemon:
         self.plugins = PluginSet()
         self.watcher = Watcher(self.catalog, self.store, settings.watch_settle)
         self.watcher.start()
+        self.jobs = JobRunner(self.catalog)
+        self.puller = Puller(self.catalog, self.store, self.plugins)
+        self.jobs.register("pull", self.puller.run)
+        self.jobs.resume_unfinished()
 
     def close(self) -> None:
+        self.jobs.shutdown()
         self.watcher.stop()
         self.catalog.close()

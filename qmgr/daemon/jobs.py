@@ -1,0 +1,219 @@
+"""Jobs: long work (pull, quantize, eval) run by the daemon in worker threads.
+
+Each job is a row in ``jobs`` (kind, arguments, state, progress, error) and, while the daemon
+runs it, a :class:`JobHandle` in memory that workers update and event streams watch. Jobs
+survive restarts: at start the daemon runs again every job left ``queued`` or ``running``, and
+job functions are written to resume (a pull finds its partial file again).
+
+Cancel (``qmgr cancel``) and shutdown both stop a job through its ``cancel`` event; the job
+function tells them apart by :attr:`JobHandle.cancel_reason`: a cancelled job cleans up, a job
+stopped by shutdown keeps what it has for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sqlalchemy import select
+
+from qmgr.catalog.db import Catalog
+from qmgr.catalog.models import Job, JobState
+from qmgr.errors import NotFound, QmgrError
+
+log = logging.getLogger(__name__)
+
+TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
+PERSIST_EVERY_S = 1.0
+
+
+class JobHandle:
+    def __init__(self, job_id: int, kind: str, arguments: dict[str, Any]):
+        self.id = job_id
+        self.kind = kind
+        self.arguments = arguments
+        self.state: str = JobState.QUEUED
+        self.progress: dict[str, Any] = {}
+        self.error: str | None = None
+        self.error_code: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.version = 0
+        self.cancel = threading.Event()
+        self.cancel_reason: str | None = None
+        self.lock = threading.Lock()
+        self._persisted = 0.0
+        self._rate_at: tuple[float, int] | None = None
+
+    def update(self, **progress: Any) -> None:
+        """Merge progress fields; ``done`` (bytes) also yields a smoothed ``speed``."""
+        with self.lock:
+            if "done" in progress:
+                now = time.monotonic()
+                if self._rate_at is None or progress["done"] < self._rate_at[1]:
+                    self._rate_at = (now, progress["done"])
+                elif now - self._rate_at[0] >= 0.5:
+                    rate = (progress["done"] - self._rate_at[1]) / (now - self._rate_at[0])
+                    old = self.progress.get("speed")
+                    progress["speed"] = rate if old is None else 0.5 * old + 0.5 * rate
+                    self._rate_at = (now, progress["done"])
+            self.progress.update(progress)
+            self.version += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        with self.lock:
+            return {"id": self.id, "kind": self.kind, "arguments": self.arguments,
+                    "state": self.state, "progress": dict(self.progress), "error": self.error,
+                    "error_code": self.error_code, "result": self.result}
+
+
+def job_row_dict(job: Job) -> dict[str, Any]:
+    progress = dict(job.progress or {})
+    return {"id": job.id, "kind": job.kind, "arguments": job.arguments, "state": job.state,
+            "progress": progress, "error": job.error,
+            "error_code": progress.pop("error_code", None), "result": progress.pop("result", None),
+            "created_at": job.created_at.isoformat()}
+
+
+JobFunction = Callable[[JobHandle], dict[str, Any]]
+
+
+class JobRunner:
+    def __init__(self, catalog: Catalog, workers: int = 2):
+        self.catalog = catalog
+        self.kinds: dict[str, JobFunction] = {}
+        self.handles: dict[int, JobHandle] = {}
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmgr-job")
+        self.stopping = False
+        self.lock = threading.Lock()
+
+    def register(self, kind: str, fn: JobFunction) -> None:
+        self.kinds[kind] = fn
+
+    def submit(self, kind: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        if kind not in self.kinds:
+            raise QmgrError(f"unknown job kind {kind!r}", code="bad_request")
+        with self.catalog.writing() as session:
+            job = Job(kind=kind, arguments=arguments, state=JobState.QUEUED, progress={})
+            session.add(job)
+            session.flush()
+            job_id = job.id
+        return self._start(JobHandle(job_id, kind, arguments)).to_dict()
+
+    def _start(self, handle: JobHandle) -> JobHandle:
+        with self.lock:
+            self.handles[handle.id] = handle
+        self.pool.submit(self._run, handle)
+        return handle
+
+    def resume_unfinished(self) -> int:
+        with self.catalog.reading() as session:
+            rows = list(session.scalars(select(Job).where(
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING])).order_by(Job.id)))
+        for job in rows:
+            if job.kind in self.kinds:
+                log.info("resuming job %d (%s %s)", job.id, job.kind, job.arguments)
+                self._start(JobHandle(job.id, job.kind, dict(job.arguments)))
+        return len(rows)
+
+    def _persist(self, handle: JobHandle, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - handle._persisted < PERSIST_EVERY_S:
+            return
+        handle._persisted = now
+        d = handle.to_dict()
+        progress = dict(d["progress"])
+        if d["result"] is not None:
+            progress["result"] = d["result"]
+        if d["error_code"]:
+            progress["error_code"] = d["error_code"]
+        with self.catalog.writing() as session:
+            job = session.get(Job, handle.id)
+            if job is not None:
+                job.state, job.progress, job.error = d["state"], progress, d["error"]
+
+    def _run(self, handle: JobHandle) -> None:
+        if self.stopping:
+            return
+        handle.state = JobState.RUNNING
+        handle.version += 1
+        self._persist(handle, force=True)
+
+        def persist_progress() -> None:
+            while handle.state == JobState.RUNNING and not handle.cancel.wait(PERSIST_EVERY_S):
+                self._persist(handle)
+
+        saver = threading.Thread(target=persist_progress, daemon=True)
+        saver.start()
+        try:
+            result = self.kinds[handle.kind](handle)
+            handle.result = result
+            handle.state = JobState.SUCCEEDED
+        except BaseException as e:
+            if handle.cancel_reason == "shutdown":
+                log.info("job %d stopped for shutdown; it resumes at the next start", handle.id)
+                handle.version += 1
+                return  # the row stays running: resumed at the next start
+            if handle.cancel_reason == "user":
+                handle.state, handle.error = JobState.CANCELLED, "cancelled"
+                handle.error_code = "cancelled"
+            else:
+                handle.state = JobState.FAILED
+                if isinstance(e, QmgrError):
+                    handle.error, handle.error_code = e.message, e.code
+                else:
+                    log.exception("job %d failed", handle.id)
+                    handle.error = f"internal error: {type(e).__name__}: {e}"
+                    handle.error_code = "internal"
+        finally:
+            handle.version += 1
+        self._persist(handle, force=True)
+        log.info("job %d %s: %s", handle.id, handle.state, handle.error or "ok")
+
+    def get(self, job_id: int) -> dict[str, Any]:
+        handle = self.handles.get(job_id)
+        if handle is not None:
+            return handle.to_dict()
+        with self.catalog.reading() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            return job_row_dict(job)
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        with self.catalog.reading() as session:
+            rows = list(session.scalars(select(Job).order_by(Job.id.desc()).limit(limit)))
+            out = [job_row_dict(j) for j in rows]
+        for d in out:
+            handle = self.handles.get(d["id"])
+            if handle is not None:
+                d.update({k: v for k, v in handle.to_dict().items() if k != "arguments"})
+        return out
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        handle = self.handles.get(job_id)
+        if handle is None or handle.state in TERMINAL:
+            current = self.get(job_id)
+            if current["state"] in TERMINAL:
+                raise QmgrError(f"job {job_id} already {current['state']}", code="conflict",
+                                http_status=409)
+            # Queued in the catalog but not running here: mark it so it never starts.
+            with self.catalog.writing() as session:
+                job = session.get(Job, job_id)
+                if job is not None:
+                    job.state, job.error = JobState.CANCELLED, "cancelled"
+            return self.get(job_id)
+        handle.cancel_reason = "user"
+        handle.cancel.set()
+        return handle.to_dict()
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        for handle in list(self.handles.values()):
+            if handle.state not in TERMINAL:
+                handle.cancel_reason = handle.cancel_reason or "shutdown"
+                handle.cancel.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Fetching models: remote descriptions, safe HTTP, resumable verified downloads, pull jobs."""

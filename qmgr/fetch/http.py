@@ -1,0 +1,126 @@
+"""HTTP for sources and downloads: httpx, with redirects followed by hand.
+
+Redirects are followed (registries send downloads to a CDN), but never more than
+:data:`MAX_REDIRECTS`, never from https to http, never to another scheme, and credentials are
+dropped as soon as a redirect leaves the host they were meant for.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from qmgr import __version__
+from qmgr.errors import QmgrError
+
+MAX_REDIRECTS = 5
+USER_AGENT = f"qmgr/{__version__}"
+
+
+class FetchError(QmgrError):
+    """The registry or the network failed in a way a retry may fix (or may not)."""
+
+    code = "fetch_failed"
+    http_status = 502
+
+
+def make_client(stall_timeout: float = 30.0, ca_bundle: str | None = None) -> httpx.Client:
+    """``ca_bundle``: a PEM file of certificate authorities to trust instead of the public ones
+    (a registry on a private network with its own CA; ``QMGR_CA_BUNDLE``)."""
+    # read= is the stall timeout: no byte for that long and the attempt is retried.
+    timeout = httpx.Timeout(connect=15.0, read=stall_timeout, write=30.0, pool=30.0)
+    verify: Any = True
+    if ca_bundle:
+        import ssl
+
+        verify = ssl.create_default_context(cafile=ca_bundle)
+    return httpx.Client(timeout=timeout, follow_redirects=False, verify=verify,
+                        headers={"User-Agent": USER_AGENT})
+
+
+def check_scheme(url: str, insecure: bool) -> None:
+    scheme = urlsplit(url).scheme
+    if scheme == "https" or (scheme == "http" and insecure):
+        return
+    if scheme == "http":
+        raise QmgrError(f"refusing plain http for {redact(url)}: pass --insecure for a registry "
+                        "on your own network", code="insecure")
+    raise QmgrError(f"unsupported URL scheme in {redact(url)}", code="bad_url")
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and error messages: no query string (signed CDN URLs carry tokens)."""
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.netloc.rsplit('@', 1)[-1]}{u.path}"
+
+
+@contextmanager
+def request(client: httpx.Client, method: str, url: str, headers: dict[str, str] | None = None,
+            *, insecure: bool = False, stream: bool = True) -> Iterator[httpx.Response]:
+    """Send a request, following redirects safely; yields the final response (streaming)."""
+    check_scheme(url, insecure)
+    headers = dict(headers or {})
+    origin = urlsplit(url).netloc
+    for _hop in range(MAX_REDIRECTS + 1):
+        try:
+            response = client.send(client.build_request(method, url, headers=headers),
+                                   stream=stream)
+        except httpx.TimeoutException as e:
+            raise FetchError(f"{redact(url)}: timed out ({type(e).__name__})") from e
+        except httpx.HTTPError as e:
+            raise FetchError(f"{redact(url)}: {type(e).__name__}: {e}") from e
+        if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+            response.close()
+            target = urljoin(url, response.headers["location"])
+            if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+                raise QmgrError(f"refusing a redirect from https to {redact(target)}",
+                                code="insecure_redirect")
+            check_scheme(target, insecure)
+            if urlsplit(target).netloc != origin:
+                headers.pop("Authorization", None)  # the token is for the registry only
+            url = target
+            continue
+        try:
+            yield response
+        finally:
+            response.close()
+        return
+    raise FetchError(f"more than {MAX_REDIRECTS} redirects from {redact(url)}")
+
+
+def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = None, *,
+             insecure: bool = False, limit: int = 64 << 20) -> tuple[Any, httpx.Headers]:
+    """GET a JSON document (bounded in size); raises a clear error on HTTP errors."""
+    import json
+
+    with request(client, "GET", url, headers, insecure=insecure) as r:
+        if r.status_code == 401 or r.status_code == 403:
+            raise QmgrError(f"{redact(url)}: access denied ({r.status_code}); for a gated "
+                            "repository set HF_TOKEN", code="unauthorized", http_status=403)
+        if r.status_code == 404:
+            raise QmgrError(f"{redact(url)}: not found", code="not_found", http_status=404)
+        if r.status_code >= 400:
+            raise FetchError(f"{redact(url)}: HTTP {r.status_code}")
+        body = bytearray()
+        for chunk in r.iter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise FetchError(f"{redact(url)}: answer larger than {limit} bytes")
+        try:
+            return json.loads(body), r.headers
+        except ValueError as e:
+            raise FetchError(f"{redact(url)}: answer is not JSON") from e
+
+
+def next_link(headers: httpx.Headers) -> str | None:
+    """The ``rel="next"`` URL of a paginated answer (RFC 8288 Link header)."""
+    for part in headers.get("link", "").split(","):
+        m = re.match(r'\s*<([^>]+)>\s*;.*rel="?next"?', part)
+        if m:
+            return m.group(1)
+    return None

@@ -1,0 +1,103 @@
+"""What a source says a registry offers: variants made of files with sizes and digests."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from qmgr.gguf.types import LLAMA_FILE_TYPES
+
+# Known quant names, longest first so Q4_K_M wins over Q4_K.
+QUANT_NAMES = sorted({*LLAMA_FILE_TYPES.values(), "Q4_K", "Q5_K", "Q3_K", "IQ4_NL"}, key=len,
+                     reverse=True)
+_QUANT_RE = re.compile(
+    r"(?<![A-Za-z0-9])(" + "|".join(re.escape(q) for q in QUANT_NAMES) + r")(?![A-Za-z0-9])",
+    re.IGNORECASE,
+)
+SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+QUANT_SUFFIX_RE = re.compile(
+    r"[-._](?:u?[fF](?:16|32)|[bB][fF]16|I?Q\d[A-Za-z0-9_]*|TQ\d_\d|MXFP4)$", re.IGNORECASE
+)
+
+
+def strip_quant_suffix(stem: str) -> str:
+    """``tiny-Q8_0`` -> ``tiny``: the model's name without the quant it comes in."""
+    return QUANT_SUFFIX_RE.sub("", stem) or stem
+
+
+def quant_from_name(name: str) -> str | None:
+    """The quant type a file name announces (``Llama-3-8B-Q4_K_M.gguf`` -> ``Q4_K_M``)."""
+    base = name.rsplit("/", 1)[-1]
+    found = _QUANT_RE.findall(base.removesuffix(".gguf"))
+    if not found:
+        return None
+    wanted = found[-1].upper()
+    return next((q for q in QUANT_NAMES if q.upper() == wanted), wanted)
+
+
+@dataclass
+class RemoteFile:
+    """One file to fetch. ``headers`` (auth) go to the URL's own host only."""
+
+    name: str
+    url: str
+    size: int | None = None
+    sha256: str | None = None
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # Plain http allowed for this file: its source was configured by the user to speak http
+    # (a mirror on the local network), as opposed to a redirect or a registry's whim.
+    allow_http: bool = False
+
+
+@dataclass
+class RemoteVariant:
+    quant: str | None
+    files: list[RemoteFile]
+    source_ref: str  # canonical reference of this very variant
+    model_name: str  # the catalog name a pull gives it
+
+    @property
+    def size(self) -> int | None:
+        sizes = [f.size for f in self.files]
+        return None if any(s is None for s in sizes) else sum(s for s in sizes if s is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant": self.quant,
+            "size": self.size,
+            "files": [{"name": f.name, "size": f.size, "sha256": f.sha256} for f in self.files],
+            "sha256": self.files[0].sha256 if self.files else None,
+            "source_ref": self.source_ref,
+            "model": self.model_name,
+        }
+
+
+def group_gguf_files(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
+    """GGUF files grouped into variants: shards ``-0000N-of-0000M`` of one stem together, in
+    order; an incomplete shard set is left out."""
+    groups: dict[str, list[RemoteFile]] = {}
+    expected: dict[str, int] = {}
+    for f in files:
+        if not f.name.endswith(".gguf"):
+            continue
+        m = SHARD_RE.match(f.name)
+        key = m.group("stem") if m else f.name
+        if m:
+            expected[key] = int(m.group("count"))
+        groups.setdefault(key, []).append(f)
+    out = {}
+    for key, group in groups.items():
+        group.sort(key=lambda f: f.name)
+        if key in expected and len(group) != expected[key]:
+            continue
+        out[key] = group
+    return out
+
+
+def model_name_from(text: str) -> str:
+    """A catalog model name from a repository or model name (``Meta-Llama-3-8B-GGUF`` ->
+    ``meta-llama-3-8b``)."""
+    name = re.sub(r"[-_.]gguf$", "", text.strip(), flags=re.IGNORECASE)
+    name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
+    return name[:128] or "model"
