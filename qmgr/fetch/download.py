@@ -34,6 +34,9 @@ from qmgr.store import Store, check_digest, fsync_dir
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# Dirty pages are flushed every this many bytes while the download runs, so the fsync before
+# publication has little left to do (the disk works while the network does).
+FLUSH_EVERY = 128 << 20
 # Free space kept beyond what a download needs, so the catalog and logs can still be written.
 SPACE_MARGIN = 64 << 20
 _STATE = struct.Struct("<8sQI")
@@ -88,6 +91,8 @@ class Download:
         self.partial = store.partial / f"{key}.partial"
         self.state_path = store.partial / f"{key}.state"
         self.parts: list[Part] = []
+        self.unflushed = 0
+        self.flush_wanted = threading.Event()
         self.lock = threading.Condition()
         self.error: BaseException | None = None
 
@@ -191,13 +196,24 @@ class Download:
                    for i, p in enumerate(self.parts) if not p.finished]
         for t in threads:
             t.start()
+        flusher = threading.Thread(target=self._flusher, args=(threads,), daemon=True)
+        flusher.start()
         sha = self._hash_following()
         for t in threads:
             t.join()
+        self.flush_wanted.set()
+        flusher.join()
         if self.error is not None:
             raise self.error
         assert sha is not None
         return sha
+
+    def _flusher(self, workers: list[threading.Thread]) -> None:
+        """Write dirty pages back while the download runs (see FLUSH_EVERY)."""
+        while any(t.is_alive() for t in workers):
+            if self.flush_wanted.wait(0.5):
+                self.flush_wanted.clear()
+                os.fdatasync(self.fd)
 
     def _frontier(self) -> int:
         """End of the contiguous prefix of bytes on disk."""
@@ -313,6 +329,10 @@ class Download:
                         part.done += len(chunk)
                         self._save_state()
                         self.lock.notify_all()
+                        self.unflushed += len(chunk)
+                        if self.unflushed >= FLUSH_EVERY:
+                            self.unflushed = 0
+                            self.flush_wanted.set()
                     self.progress(len(chunk))
                     if self.cancel.is_set() or self.error is not None:
                         raise Cancelled(f"download of {self.remote.name} cancelled")

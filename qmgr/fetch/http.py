@@ -21,6 +21,16 @@ from qmgr.errors import QmgrError
 MAX_REDIRECTS = 5
 USER_AGENT = f"qmgr/{__version__}"
 
+# httpcore reads the socket 64 KiB at a time; for multi-GB bodies the per-read overhead of the
+# Python layers above it dominates (measured: ~300 MB/s on loopback). 1 MiB reads cut the
+# number of trips through httpcore and h11 sixteenfold.
+try:
+    import httpcore._sync.http11 as _http11
+
+    _http11.HTTP11Connection.READ_NUM_BYTES = 1 << 20
+except (ImportError, AttributeError):  # another httpcore: keep its default
+    pass
+
 
 class FetchError(QmgrError):
     """The registry or the network failed in a way a retry may fix (or may not)."""
