@@ -22,8 +22,10 @@ from qmgr.errors import QmgrError
 MAX_REF = 512
 COMPONENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 QUANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}(:\d{1,5})?$")
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_RE = re.compile(rf"^(?=.{{1,253}}(?::|$)){_LABEL}(?:\.{_LABEL})*(:\d{{1,5}})?$")
+# C0 and C1 control characters and DEL: they would corrupt logs and terminals.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEFAULT_OLLAMA_HOST = "registry.ollama.ai"
 
 
@@ -97,6 +99,8 @@ def parse(ref: str) -> Reference:
         raise _bad(ref, f"longer than {MAX_REF} characters")
     if CONTROL_RE.search(ref):
         raise _bad(ref, "it contains control characters")
+    if "\\" in ref:
+        raise _bad(ref, "it contains a backslash")
     if ref.startswith(("https://", "http://")):
         return _parse_url(ref)
     if ref.startswith("hf://"):
@@ -153,6 +157,8 @@ def _parse_ollama(ref: str) -> Reference:
 
 
 def _parse_url(ref: str) -> Reference:
+    if not ref.isascii() or any(c.isspace() for c in ref):
+        raise _bad(ref, "a URL must be ASCII without spaces (percent-encode the rest)")
     u = urlsplit(ref)
     if not u.hostname or not HOST_RE.match(u.netloc.rsplit("@", 1)[-1]):
         raise _bad(ref, "the URL has no valid host")

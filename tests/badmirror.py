@@ -7,6 +7,7 @@ counts body bytes served.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -67,10 +68,8 @@ class BadHandler(mirror.Handler):
     def _hang_up(self) -> None:
         self.wfile.flush()
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(2)
-        except OSError:
-            pass
 
     def _throttled(self, f: Path, start: int, length: int, rate: float | None) -> None:
         if rate is None:

@@ -9,7 +9,7 @@ else ``HF_ENDPOINT``, else https://huggingface.co; a token for gated repositorie
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 from qmgr import hookimpl
 from qmgr.errors import QmgrError
@@ -56,7 +56,11 @@ class HuggingFaceSource:
                 if not isinstance(e, dict) or e.get("type") != "file":
                     continue
                 files.append(self._file(ref, endpoint, revision, e, headers))
-            url = next_link(response_headers)
+            link = next_link(response_headers)
+            url = urljoin(url, link) if link else None
+            if url and urlsplit(url).netloc != urlsplit(endpoint).netloc:
+                # A page elsewhere gets no token (the same rule as redirects).
+                headers = {k: v for k, v in headers.items() if k != "Authorization"}
             pages += 1
         out = []
         model = model_name_from(ref.name.split("/", 1)[1])

@@ -7,6 +7,8 @@ is computed while they arrive; with one, a mismatch deletes them.
 from __future__ import annotations
 
 from qmgr import hookimpl
+from qmgr.errors import QmgrError
+from qmgr.fetch.http import FetchError, redact, request
 from qmgr.fetch.remote import (
     RemoteFile,
     RemoteVariant,
@@ -26,10 +28,28 @@ class URLSource:
     def variants(self, ref: Reference, ctx: FetchContext) -> list[RemoteVariant]:
         assert ref.url is not None
         sha = check_digest(ctx.sha256.lower()) if ctx.sha256 else None
-        file_name = ref.url.rsplit("/", 1)[-1]
+        size = self._size(ref.url, ctx)
+        file_name = ref.name + ".gguf"  # from the parsed path: no query string or fragment
         model = model_name_from(strip_quant_suffix(file_name.removesuffix(".gguf")))
+        # The catalog keeps the URL without its query string: signed CDN URLs carry tokens.
         return [RemoteVariant(quant_from_name(file_name),
-                              [RemoteFile(file_name, ref.url, None, sha)], ref.url, model)]
+                              [RemoteFile(file_name, ref.url, size, sha)], redact(ref.url),
+                              model)]
+
+    @staticmethod
+    def _size(url: str, ctx: FetchContext) -> int | None:
+        """The size the server announces (HEAD), so progress and the free-space check know it;
+        None when it does not say (the download then asks again)."""
+        try:
+            with request(ctx.client, "HEAD", url, insecure=ctx.insecure) as r:
+                if r.status_code >= 400:
+                    raise QmgrError(f"{redact(url)}: HTTP {r.status_code}",
+                                    code="not_found" if r.status_code == 404 else "fetch_failed",
+                                    http_status=404 if r.status_code == 404 else 502)
+                value = r.headers.get("x-linked-size") or r.headers.get("content-length")
+                return int(value) if value and value.isdigit() else None
+        except FetchError:
+            return None
 
 
 @hookimpl

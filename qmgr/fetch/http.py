@@ -7,7 +7,6 @@ dropped as soon as a redirect leaves the host they were meant for.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -83,6 +82,9 @@ def request(client: httpx.Client, method: str, url: str, headers: dict[str, str]
         except httpx.TimeoutException as e:
             raise FetchError(f"{redact(url)}: timed out ({type(e).__name__})") from e
         except httpx.HTTPError as e:
+            if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):
+                raise FetchError(f"{redact(url)}: the server does not speak https; pass "
+                                 "--insecure for a registry on your own network") from e
             raise FetchError(f"{redact(url)}: {type(e).__name__}: {e}") from e
         if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
             response.close()
@@ -129,8 +131,7 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
 
 def next_link(headers: httpx.Headers) -> str | None:
     """The ``rel="next"`` URL of a paginated answer (RFC 8288 Link header)."""
-    for part in headers.get("link", "").split(","):
-        m = re.match(r'\s*<([^>]+)>\s*;.*rel="?next"?', part)
-        if m:
-            return m.group(1)
-    return None
+    if "link" not in headers:
+        return None
+    link = httpx.Response(200, headers={"link": headers["link"]}).links.get("next")
+    return link.get("url") if link else None

@@ -105,11 +105,16 @@ class Puller:
                             http_status=404)
         if ref.kind in ("url", "ollama") or ref.file:
             return offered[0]
-        names = ", ".join(sorted(v.quant or "?" for v in offered))
+        names = ", ".join(sorted({v.quant or "?" for v in offered}))
         if ref.quant:
-            for v in offered:
-                if v.quant and v.quant.upper() == ref.quant.upper():
-                    return v
+            matches = [v for v in offered if v.quant and v.quant.upper() == ref.quant.upper()]
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                files = ", ".join(v.files[0].name for v in matches)
+                raise QmgrError(f"{ref.canonical} has {len(matches)} {ref.quant} files ({files}): "
+                                f"name one, e.g. hf://{ref.name}/{matches[0].files[0].name}",
+                                code="ambiguous_ref")
             raise QmgrError(f"{ref.canonical} has no {ref.quant} variant; it offers: {names}",
                             code="not_found", http_status=404)
         if len(offered) == 1:

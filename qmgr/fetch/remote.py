@@ -77,20 +77,24 @@ def group_gguf_files(files: list[RemoteFile]) -> dict[str, list[RemoteFile]]:
     """GGUF files grouped into variants: shards ``-0000N-of-0000M`` of one stem together, in
     order; an incomplete shard set is left out."""
     groups: dict[str, list[RemoteFile]] = {}
-    expected: dict[str, int] = {}
+    numbers: dict[str, list[tuple[int, int]]] = {}
     for f in files:
         if not f.name.endswith(".gguf"):
             continue
         m = SHARD_RE.match(f.name)
         key = m.group("stem") if m else f.name
         if m:
-            expected[key] = int(m.group("count"))
+            numbers.setdefault(key, []).append((int(m.group("no")), int(m.group("count"))))
         groups.setdefault(key, []).append(f)
     out = {}
     for key, group in groups.items():
         group.sort(key=lambda f: f.name)
-        if key in expected and len(group) != expected[key]:
-            continue
+        if key in numbers:
+            counts = {c for _, c in numbers[key]}
+            # Complete only if every shard agrees on the count and 1..count are all there.
+            if len(counts) != 1 or sorted(n for n, _ in numbers[key]) != list(
+                    range(1, counts.pop() + 1)):
+                continue
         out[key] = group
     return out
 
