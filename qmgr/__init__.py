@@ -9,6 +9,13 @@ Plugin authors import :data:`hookimpl` from here::
         register(MySource())
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers only: at run time __getattr__ below imports pluggy lazily
+    import pluggy
+
+    hookimpl: pluggy.HookimplMarker
+
 __version__ = "0.1.0"
 
 

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PLUGINS = (
     "qmgr.builtin.cpu_probe",
+    "qmgr.builtin.nvidia_probe",
+    "qmgr.builtin.amd_probe",
+    "qmgr.builtin.apple_probe",
     "qmgr.builtin.hf_source",
     "qmgr.builtin.ollama_source",
     "qmgr.builtin.url_source",

@@ -32,6 +32,8 @@ class Settings:
     # Seconds a file in a watched folder must keep its size before it is cataloged.
     watch_settle: float = 2.0
     log_level: str = "info"
+    # Declared hardware from the config file (QMGR_HW in the environment wins): "ram=16GiB,..."
+    hw: str | None = None
     config_file: Path | None = None
     # Whether the socket was named (flag, environment, config) rather than defaulted.
     socket_explicit: bool = False
@@ -149,6 +151,8 @@ def load(
     if settle is not None:
         s.watch_settle = float(settle)
     s.log_level = str(pick(None, "QMGR_LOG_LEVEL", "log_level") or "info").lower()
+    if config.get("hw") is not None:
+        s.hw = str(config["hw"])
     return s
 
 

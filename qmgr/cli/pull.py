@@ -11,6 +11,7 @@ from urllib.parse import quote
 import click
 
 from qmgr.cli import cli, client, emit_json, human_size, table
+from qmgr.cli.fit import fit_options, fit_query, show_decision
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -75,18 +76,43 @@ def follow(ctx: click.Context, job: dict[str, Any], *, as_json: bool, quiet: boo
 @click.argument("ref")
 @click.option("--insecure", is_flag=True, help="Allow plain http (a registry on your network).")
 @click.option("--sha256", metavar="HEX", help="Expected sha256 of a plain URL's file.")
+@click.option("--fit", "fit_", is_flag=True,
+              help="Pull the best variant that fits this machine (see `qmgr fit`).")
+@click.option("--dry-run", is_flag=True, help="With --fit: show the decision, download nothing.")
+@fit_options
 @click.option("--detach", is_flag=True, help="Start the pull and return; it runs in the daemon.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @json_option
 @click.pass_context
-def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, detach: bool,
-         quiet: bool, as_json: bool) -> None:
+def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_: bool,
+         dry_run: bool, ctx_len: int | None, kv_type: str | None, headroom: float | None,
+         detach: bool, quiet: bool, as_json: bool) -> None:
     """Download a model variant, verify it, and catalog it.
 
     REF is NAME[:QUANT] (an alias), hf.co/OWNER/REPO[:QUANT], hf://OWNER/REPO/FILE,
-    ollama://[HOST/]NAMESPACE/MODEL[:TAG] or https://.../FILE.gguf.
+    ollama://[HOST/]NAMESPACE/MODEL[:TAG] or https://.../FILE.gguf. With --fit, qmgr picks
+    the quant: the best quality that fits this machine's memory at --ctx.
     """
-    job = client(ctx).post("/v1/pulls", {"ref": ref, "insecure": insecure, "sha256": sha256})
+    c = client(ctx)
+    params = fit_query(ctx_len, kv_type, headroom)
+    if {"ctx", "kv_type", "headroom"} & set(params) and not fit_:
+        raise click.UsageError("--ctx, --kv-type and --headroom go with --fit")
+    if dry_run and not fit_:
+        raise click.UsageError("--dry-run goes with --fit")
+    if fit_:
+        query = {"ref": ref, **params, **({"insecure": 1} if insecure else {})}
+        decision = c.get("/v1/fit", **query)
+        if as_json and dry_run:
+            emit_json(decision)
+            return
+        if not quiet and not as_json:
+            show_decision(decision)
+        if decision["pick"] is None:
+            raise click.ClickException("nothing downloaded: " + decision["reason"])
+        if dry_run:
+            return
+    job = c.post("/v1/pulls", {"ref": ref, "insecure": insecure, "sha256": sha256,
+                               **({"fit": True, **params} if fit_ else {})})
     if detach:
         if as_json:
             emit_json(job)

@@ -217,7 +217,10 @@ def remove_watch(d: Daemon, request: Request) -> dict[str, Any]:
 PULL_BODY = {
     "type": "object", "required": ["ref"],
     "properties": {"ref": {"type": "string"}, "insecure": {"type": "boolean"},
-                   "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}},
+                   "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                   "fit": {"type": "boolean"}, "ctx": {"type": "integer"},
+                   "kv_type": {"type": "string"}, "headroom": {"type": "number"},
+                   "hw": {"type": "string"}},
 }
 
 
@@ -234,8 +237,33 @@ def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
     sha = body.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
         raise QmgrError("'sha256' must be 64 hex digits", code="bad_digest")
-    return d.jobs.submit("pull", {"ref": ref, "insecure": bool(body.get("insecure")),
-                                  "sha256": sha.lower() if sha else None})
+    args: dict[str, Any] = {"ref": ref, "insecure": bool(body.get("insecure")),
+                            "sha256": sha.lower() if sha else None}
+    if body.get("fit"):
+        from qmgr.fit.service import FitRequest
+
+        req = FitRequest.from_args({**body, "ref": ref})  # bad parameters fail before the job
+        args.update(fit=True, ctx=req.ctx, kv_type=req.kv_type, headroom=req.headroom,
+                    hw=req.hw)
+    return d.jobs.submit("pull", args)
+
+
+@endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine, and why "
+          "(?ref=REF[&ctx=N][&kv_type=f16|q8_0|q4_0][&headroom=0.1][&insecure=1])")
+def fit(d: Daemon, request: Request) -> dict[str, Any]:
+    from qmgr.fit.service import FitRequest
+
+    q = dict(request.query_params)
+    if not q.get("ref"):
+        raise QmgrError("give the reference as ?ref=REF", code="bad_request")
+    q["insecure"] = q.get("insecure") in ("1", "true")
+    return d.fitter.fit(FitRequest.from_args(q))[0]
+
+
+@endpoint("GET", "/v1/hardware", "Devices (probed, or declared by QMGR_HW / config) and probe "
+          "errors")
+def hardware(d: Daemon, request: Request) -> dict[str, Any]:
+    return d.fitter.hardware(request.query_params.get("hw")).to_dict()
 
 
 @endpoint("GET", "/v1/remote", "What a reference's source offers (?ref=REF[&insecure=1]"

@@ -22,6 +22,7 @@ class Daemon:
         from qmgr.daemon.jobs import JobRunner
         from qmgr.daemon.watcher import Watcher
         from qmgr.fetch.pull import Puller
+        from qmgr.fit.service import Fitter
 
         self.settings = settings
         self.started = time.monotonic()
@@ -39,6 +40,8 @@ class Daemon:
         self.watcher.start()
         self.jobs = JobRunner(self.catalog)
         self.puller = Puller(self.catalog, self.store, self.plugins)
+        self.fitter = Fitter(self.puller, settings)
+        self.puller.fitter = self.fitter
         self.jobs.register("pull", self.puller.run)
         self.jobs.resume_unfinished()
 

@@ -42,6 +42,7 @@ class Puller:
     store: Store
     plugins: PluginSet
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    fitter: Any = None  # qmgr.fit.service.Fitter, for `pull --fit`
 
     def options(self, insecure: bool) -> Options:
         e = self.env
@@ -154,7 +155,7 @@ class Puller:
         typed, ref = self.resolve(args["ref"])
         model_name = typed.name if typed.kind == "alias" else None
         handle.update(phase="resolving", ref=ref.canonical)
-        if ref.quant and ref.kind == "hf" and not ref.file:
+        if ref.quant and ref.kind == "hf" and not ref.file and not args.get("fit"):
             shards = self.cached(ref.canonical)
             if shards is not None:
                 name = model_name or _model_of(self, ref.canonical)
@@ -164,10 +165,22 @@ class Puller:
                 handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
                 return {"variant": variant, "downloaded": 0}
         insecure = bool(args.get("insecure"))
+        decision = None
+        if args.get("fit"):
+            from qmgr.fit.service import FitRequest
+
+            handle.update(phase="fitting")
+            decision, fit, remote = self.fitter.fit(FitRequest.from_args(args))
+            if fit.pick is None:
+                raise QmgrError(decision["reason"], code="does_not_fit", http_status=507)
+            handle.update(decision=decision)
         with make_client(self.stall_timeout(), self.env.get("QMGR_CA_BUNDLE")) as client:
             ctx = FetchContext(client, insecure=insecure, sha256=args.get("sha256"), env=self.env)
             handle.update(phase="listing")
-            chosen = self.choose(ref, self.source_for(ref).variants(ref, ctx))
+            if decision is not None:
+                chosen = remote[decision["pick_source_ref"]]
+            else:
+                chosen = self.choose(ref, self.source_for(ref).variants(ref, ctx))
             total = chosen.size
             handle.update(phase="downloading", quant=chosen.quant, total=total, done=0)
             shards: list[ShardFile] = []
@@ -206,7 +219,7 @@ class Puller:
             origin=Origin.PULLED, source_ref=chosen.source_ref, in_store=True,
             tag=chosen.quant if ref.kind != "ollama" else None)
         handle.update(phase="done", done=done_before, downloaded=downloaded)
-        return {"variant": variant, "downloaded": downloaded}
+        return {"variant": variant, "downloaded": downloaded, "decision": decision}
 
 
 def _model_of(puller: Puller, source_ref: str) -> str:

@@ -1,0 +1,1 @@
+"""Fitting variants to this machine: hardware snapshot, memory estimate, quality ladder, policy."""

@@ -1,0 +1,103 @@
+"""The quality ladder: quant types ordered by the quality they cost.
+
+Published figures: the increase in perplexity (ΔPPL) over the 16-bit model on Llama-3-8B
+(wikitext-2), as llama.cpp's quantize tool lists them (``tools/quantize/quantize.cpp``,
+``QUANT_OPTIONS``; ``llama-quantize --help`` prints them). Types llama.cpp lists only with their
+bits per weight (the IQ family, TQ) get an estimate interpolated from those measured rungs by
+bits per weight, and say so (``estimated``). Measurements from the catalog (``qmgr eval``)
+override the table for the model they were made on.
+
+Below 4 bits quality falls off a cliff (Q3_K_M costs ~4x what Q4_K_M does, Q2_K ~20x): the
+ladder marks those rungs, and the fit policy says so when it has to pick one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOURCE = "llama.cpp tools/quantize/quantize.cpp QUANT_OPTIONS (ΔPPL on Llama-3-8B, wikitext-2)"
+
+# type -> (ΔPPL on Llama-3-8B, nominal bits per weight)
+_PUBLISHED: dict[str, tuple[float, float]] = {
+    "F32": (0.0, 32.0),
+    "F16": (0.0, 16.0),  # listed as +0.0020 on Mistral-7B: within noise of the reference
+    "BF16": (0.0, 16.0),
+    "Q8_0": (0.0026, 8.5),
+    "Q6_K": (0.0217, 6.56),
+    "Q5_K_M": (0.0569, 5.68),
+    "Q5_K_S": (0.1049, 5.52),
+    "Q5_1": (0.1062, 6.0),
+    "Q5_0": (0.1316, 5.5),
+    "Q4_K_M": (0.1754, 4.84),
+    "Q4_K_S": (0.2689, 4.58),
+    "Q4_1": (0.4511, 5.0),
+    "Q4_0": (0.4685, 4.5),
+    "Q3_K_L": (0.5562, 4.27),
+    "Q3_K_M": (0.6569, 3.91),
+    "Q3_K_S": (1.6321, 3.5),
+    "Q2_K_S": (3.1836, 3.0),
+    "Q2_K": (3.5199, 3.35),
+}
+
+# Listed by llama.cpp with bits per weight only.
+_NOMINAL_BPW: dict[str, float] = {
+    "IQ4_NL": 4.50, "IQ4_XS": 4.25, "IQ3_M": 3.66, "IQ3_S": 3.44, "IQ3_XS": 3.3,
+    "IQ3_XXS": 3.06, "IQ2_M": 2.7, "IQ2_S": 2.5, "IQ2_XS": 2.31, "IQ2_XXS": 2.06,
+    "IQ1_M": 1.75, "IQ1_S": 1.56, "TQ2_0": 2.06, "TQ1_0": 1.69,
+}
+
+CLIFF_BPW = 4.0  # below this, quality falls off a cliff
+
+
+@dataclass(frozen=True)
+class Rung:
+    quant: str
+    delta_ppl: float
+    bits_per_weight: float
+    estimated: bool  # interpolated, not published
+    below_cliff: bool
+
+    @property
+    def note(self) -> str:
+        how = "~" if self.estimated else "+"
+        text = f"{how}{self.delta_ppl:.4f} ΔPPL @ Llama-3-8B"
+        if self.estimated:
+            text += " (estimated from bits per weight)"
+        if self.below_cliff:
+            text += "; below 4 bits: quality cliff"
+        return text
+
+
+def _interpolate(bpw: float) -> float:
+    """ΔPPL at ``bpw`` from a least-squares fit of log(ΔPPL) against bits per weight over the
+    measured k-quant and Q8_0 rungs: monotone, so fewer bits never look better. IQ quants do
+    better than this with an importance matrix; this is a conservative, no-matrix estimate."""
+    import math
+
+    points = [(b, math.log(d)) for q, (d, b) in _PUBLISHED.items()
+              if d > 0 and ("_K" in q or q == "Q8_0")]
+    n = len(points)
+    mean_b = sum(b for b, _ in points) / n
+    mean_l = sum(lg for _, lg in points) / n
+    slope = (sum((b - mean_b) * (lg - mean_l) for b, lg in points)
+             / sum((b - mean_b) ** 2 for b, _ in points))
+    return math.exp(mean_l + slope * (bpw - mean_b))
+
+
+def rung(quant: str | None) -> Rung | None:
+    if quant is None:
+        return None
+    q = quant.upper()
+    if q in _PUBLISHED:
+        d, b = _PUBLISHED[q]
+        return Rung(q, d, b, False, b < CLIFF_BPW)
+    if q in _NOMINAL_BPW:
+        b = _NOMINAL_BPW[q]
+        return Rung(q, _interpolate(b), b, True, b < CLIFF_BPW)
+    return None
+
+
+def ladder() -> list[Rung]:
+    """Every known rung, best quality first."""
+    rungs = [r for q in [*_PUBLISHED, *_NOMINAL_BPW] if (r := rung(q)) is not None]
+    return sorted(rungs, key=lambda r: (r.delta_ppl, -r.bits_per_weight))

@@ -1,0 +1,167 @@
+"""``qmgr fit`` and ``qmgr pull --fit``: hardware, candidates, decision.
+
+Candidates come from the source (each variant's headers read with HTTP Range requests, before
+anything is downloaded: ``header_bytes`` says how much that took) or, for a name that is no
+alias but a cataloged model, from the local files. Measured ΔPPL from ``qmgr eval`` overrides
+the published ladder for the model it was measured on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from qmgr import gguf
+from qmgr.catalog.models import Eval, Model, Variant
+from qmgr.errors import QmgrError
+from qmgr.fetch import aliases
+from qmgr.fetch.http import make_client
+from qmgr.fetch.remote import RemoteVariant
+from qmgr.fetch.remote_header import RangeSource
+from qmgr.fetch.source import FetchContext
+from qmgr.fit import hardware
+from qmgr.fit.estimate import ModelShape
+from qmgr.fit.policy import Candidate, Decision, decide
+from qmgr.refs import parse
+
+DEFAULT_CTX = 4096
+
+
+@dataclass
+class FitRequest:
+    ref: str
+    ctx: int = DEFAULT_CTX
+    kv_type: str = "f16"
+    headroom: float = 0.10
+    insecure: bool = False
+    hw: str | None = None  # a QMGR_HW declaration sent by the client (wins over the daemon's)
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> FitRequest:
+        req = cls(str(args["ref"]))
+        try:
+            if args.get("ctx") is not None:
+                req.ctx = int(args["ctx"])
+            if args.get("kv_type"):
+                req.kv_type = str(args["kv_type"]).lower()
+            if args.get("headroom") is not None:
+                req.headroom = float(args["headroom"])
+        except (TypeError, ValueError) as e:
+            raise QmgrError(f"bad fit parameter: {e}", code="bad_request") from e
+        if not 128 <= req.ctx <= 1 << 22:
+            raise QmgrError(f"--ctx {req.ctx} is out of range (128 to 4194304)",
+                            code="bad_request")
+        if not 0 <= req.headroom < 0.9:
+            raise QmgrError("headroom must be a fraction from 0 to 0.9", code="bad_request")
+        req.insecure = bool(args.get("insecure"))
+        if args.get("hw"):
+            req.hw = str(args["hw"])
+        return req
+
+
+class Fitter:
+    def __init__(self, puller: Any, settings: Any):
+        self.puller = puller
+        self.settings = settings
+
+    def hardware(self, declared: str | None = None) -> hardware.Snapshot:
+        """Declared hardware (from the client's QMGR_HW, else the daemon's, else the config
+        file), or what the probes find."""
+        env = dict(self.puller.env)
+        if declared:
+            env["QMGR_HW"] = declared
+        config = {"hw": self.settings.hw} if getattr(self.settings, "hw", None) else None
+        return hardware.snapshot(self.puller.plugins, env, config)
+
+    def measured(self, model_name: str) -> dict[str, float]:
+        """Latest measured ΔPPL per quant of a model (from ``qmgr eval``)."""
+        out: dict[str, float] = {}
+        with self.puller.catalog.reading() as session:
+            rows = session.execute(
+                select(Variant.quant_type, Eval.value).join(Eval, Eval.variant_id == Variant.id)
+                .join(Model, Variant.model_id == Model.id)
+                .where(Model.name == model_name, Eval.metric == "delta_ppl")
+                .order_by(Eval.id))
+            for quant, value in rows:
+                if quant:
+                    out[quant] = value
+        return out
+
+    def remote_candidates(self, raw: str, insecure: bool
+                          ) -> tuple[str, list[tuple[Candidate, RemoteVariant]], int]:
+        _typed, ref = self.puller.resolve(raw)
+        env = self.puller.env
+        out = []
+        header_bytes = 0
+        with make_client(self.puller.stall_timeout(), env.get("QMGR_CA_BUNDLE")) as client:
+            ctx = FetchContext(client, insecure=insecure, env=env)
+            offered = self.puller.source_for(ref).variants(ref, ctx)
+            if ref.quant and ref.kind == "hf":
+                offered = [v for v in offered if v.quant and v.quant.upper() == ref.quant.upper()]
+            for v in offered:
+                headers = []
+                for f in v.files:
+                    src = RangeSource(client, f, insecure)
+                    headers.append(gguf.read_header_from(src))
+                    header_bytes += src.bytes_read
+                facts = gguf.facts_from_header(headers[0])
+                params = sum(gguf.facts_from_header(h).parameter_count for h in headers)
+                shape = ModelShape.from_headers(headers)
+                quant = v.quant or facts.quant_type
+                info = {"source_ref": v.source_ref, "model": v.model_name,
+                        "sha256": v.files[0].sha256, "files": len(v.files),
+                        "parameter_count": params,
+                        "header_bytes": sum(h.header_bytes for h in headers)}
+                out.append((Candidate(quant, v.size or shape.file_size, shape, info), v))
+        return ref.canonical, out, header_bytes
+
+    def local_candidates(self, name: str) -> list[Candidate]:
+        with self.puller.catalog.reading() as session:
+            model = session.scalar(select(Model).where(Model.name == name))
+            if model is None:
+                return []
+            rows = [(v.quant_type, v.size, v.tag, [f.blob.path for f in v.files],
+                     v.state) for v in model.variants]
+        out = []
+        for quant, size, tag, paths, state in rows:
+            if state != "ready":
+                continue
+            headers = [gguf.read_header(p) for p in paths]
+            shape = ModelShape.from_headers(headers)
+            params = sum(gguf.facts_from_header(h).parameter_count for h in headers)
+            out.append(Candidate(quant, size, shape, {"ref": f"{name}:{tag}",
+                                                      "parameter_count": params,
+                                                      "files": len(paths)}))
+        return out
+
+    def fit(self, req: FitRequest) -> tuple[dict[str, Any], Decision,
+                                            dict[str, RemoteVariant]]:
+        """The decision for a reference, with the hardware it was made for."""
+        snap = self.hardware(req.hw)
+        typed = parse(req.ref)
+        remote: dict[str, RemoteVariant] = {}
+        with self.puller.catalog.reading() as session:
+            is_alias = typed.kind == "alias" and aliases.lookup(session, typed.name) is not None
+        if typed.kind == "alias" and not is_alias:
+            candidates = self.local_candidates(typed.name)
+            if not candidates:
+                raise QmgrError(f"{req.ref!r} is neither a known model name nor cataloged",
+                                code="not_found", http_status=404)
+            where, header_bytes, model = f"catalog:{typed.name}", 0, typed.name
+        else:
+            where, pairs, header_bytes = self.remote_candidates(req.ref, req.insecure)
+            candidates = [c for c, _ in pairs]
+            remote = {c.info["source_ref"]: v for c, v in pairs}
+            model = typed.name if typed.kind == "alias" else (
+                pairs[0][1].model_name if pairs else "")
+        measured = self.measured(model) if model else {}
+        for c in candidates:
+            if c.quant in measured:
+                c.measured_delta_ppl = measured[c.quant]
+        decision = decide(candidates, snap.devices, req.ctx, req.kv_type, req.headroom)
+        out = decision.to_dict()
+        out.update(ref=req.ref, source=where, header_bytes=header_bytes,
+                   hardware=snap.to_dict())
+        return out, decision, remote
