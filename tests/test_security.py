@@ -171,10 +171,6 @@ def start_and_see(env: Env, socket_dir: Path) -> int | None:
     raise AssertionError("the daemon neither exited nor served:\n" + env.daemon_log())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in qmgr/daemon/main.py lock_socket_path: it follows a symlinked socket directory "
-    "(and chmods its target) and uses a directory another user owns; the user-daemon "
-    "fallback /tmp/qmgr-UID makes this a local attack on root's daemon"))
 @pytest.mark.parametrize("kind", ["symlink", "foreign-owner"])
 def test_the_daemon_refuses_a_socket_directory_it_does_not_control(qenv: Env, users: Users,
                                                                    kind: str) -> None:

@@ -128,4 +128,4 @@ def main() -> None:
 
 
 # The command families register themselves on ``cli``.
-from qmgr.cli import catalog, mirror, pull, service, system, watch  # noqa: E402, F401
+from qmgr.cli import catalog, fit, mirror, pull, service, system, watch  # noqa: E402, F401

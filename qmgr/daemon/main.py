@@ -3,6 +3,8 @@
 Order at start: lock the socket path (one daemon per socket), migrate, reconcile files, load
 plugins, start the watcher, bind (or adopt systemd's socket), serve, and only then send
 ``READY=1``. SIGTERM/SIGINT stop it cleanly (``STOPPING=1``, in-flight requests finish).
+SIGHUP re-reads the config file and applies what can change while running (log level, watch
+settle time), between ``RELOADING=1`` and ``READY=1``.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from qmgr import __version__, settings as settings_mod
+from qmgr import __version__
+from qmgr import settings as settings_mod
 from qmgr.daemon import systemd
 from qmgr.errors import QmgrError
 from qmgr.settings import Settings
@@ -34,19 +39,39 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format=fmt, force=True)
 
 
-def lock_socket_path(path: Path, dir_mode: int) -> Any:
-    """Create the socket's directory and hold a lock beside the socket for our lifetime."""
+def lock_socket_path(path: Path, dir_mode: int, dedicated: bool = True) -> Any:
+    """Create the socket's directory and hold a lock beside the socket for our lifetime.
+
+    The directory must be ours: a link, or a directory another user made first (anyone can
+    create the predictable ``/tmp/qmgr-UID`` fallback), would let them see or replace the
+    socket. ``dedicated``: the directory is qmgr's own (a default path), so its mode is set;
+    a directory named by the user (``QMGR_SOCKET``) is left as it is.
+    """
+    import stat
+
     parent = path.parent
-    if not parent.exists():
+    try:
+        st = os.lstat(parent)
+    except FileNotFoundError:
         parent.mkdir(parents=True, mode=dir_mode)
-    elif parent.stat().st_uid == os.getuid() and parent.stat().st_mode & 0o777 != dir_mode:
-        parent.chmod(dir_mode)
+        os.chmod(parent, dir_mode)  # mkdir's mode passes through the umask
+        st = os.lstat(parent)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise QmgrError(f"refusing to serve in {parent}: it is not a plain directory (a link?); "
+                        "remove it or choose another --socket", code="unsafe_socket_dir")
+    if st.st_uid != os.geteuid():
+        raise QmgrError(f"refusing to serve in {parent}: it belongs to uid {st.st_uid}, not to "
+                        f"this daemon's uid {os.geteuid()}; remove it or choose another "
+                        "--socket", code="unsafe_socket_dir")
+    if dedicated and stat.S_IMODE(st.st_mode) != dir_mode:
+        os.chmod(parent, dir_mode)
     lock = open(parent / f"{path.name}.lock", "a+")  # noqa: SIM115 - held until exit
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise QmgrError(f"another qmgrd is already serving {path}", code="already_running")
+        raise QmgrError(f"another qmgrd is already serving {path}",
+                        code="already_running") from None
     return lock
 
 
@@ -63,7 +88,52 @@ def bind_socket(path: Path) -> socket.socket:
     return sock
 
 
-async def serve(s: Settings, sock: socket.socket, daemon: Any) -> None:
+# What a reload can change in a running daemon; the rest needs a restart.
+RELOADABLE = ("log_level", "watch_settle")
+RESTART_ONLY = ("home", "socket", "database_url")
+
+
+def reload_settings(s: Settings, daemon: Any, flags: dict[str, Any]) -> None:
+    """SIGHUP: re-read the config file and environment, apply what can change, log the rest."""
+    log.info("reloading configuration")
+    # MONOTONIC_USEC lets systemd match this reload to `systemctl reload` (Type=notify-reload).
+    systemd.notify(f"RELOADING=1\nSTATUS=reloading configuration\n"
+                   f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        new = settings_mod.load(**flags)
+        level = logging.getLevelName(new.log_level.upper())
+        if not isinstance(level, int):
+            raise QmgrError(f"unknown log_level {new.log_level!r}", code="bad_config")
+    except QmgrError as e:
+        log.error("configuration not reloaded, the running one stays: %s", e.message)
+    else:
+        for key in RELOADABLE:
+            old_value, new_value = getattr(s, key), getattr(new, key)
+            if old_value != new_value:
+                log.info("%s: %s -> %s", key, old_value, new_value)
+                setattr(s, key, new_value)
+        logging.getLogger().setLevel(level)
+        daemon.watcher.settle = s.watch_settle
+        # uvicorn logs requests when its access logger propagates (new connections check).
+        logging.getLogger("uvicorn.access").propagate = s.log_level == "debug"
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(s, key):
+                log.warning("%s changed to %s: restart qmgrd to use it", key, getattr(new, key))
+    systemd.notify(f"READY=1\nSTATUS={serving_status(s, daemon)}")
+
+
+def serving_status(s: Settings, daemon: Any) -> str:
+    """The STATUS= line while serving: where, and what start-up recovery found."""
+    found = daemon.recovery
+    notes = [f"{n} {what}" for n, what in (
+        (found.missing, "missing"), (found.modified, "modified"),
+        (len(found.quarantined), "quarantined"),
+    ) if n]
+    return f"serving {s.socket}" + (f"; at start: {', '.join(notes)}" if notes else "")
+
+
+async def serve(s: Settings, sock: socket.socket, daemon: Any,
+                flags: dict[str, Any] | None = None) -> None:
     import uvicorn
 
     from qmgr.daemon.app import build_app
@@ -73,14 +143,14 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any) -> None:
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Not uvicorn's own: it re-raises the signal after shutdown, which would kill the
             # process before the catalog is closed and the socket removed.
-            systemd.notify("STOPPING=1")
+            systemd.notify("STOPPING=1\nSTATUS=stopping: finishing requests")
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
 
     config = uvicorn.Config(
-        build_app(daemon), http=PeerCredProtocol, log_config=None, access_log=s.log_level == "debug",
-        lifespan="off", timeout_graceful_shutdown=10,
+        build_app(daemon), http=PeerCredProtocol, log_config=None,
+        access_log=s.log_level == "debug", lifespan="off", timeout_graceful_shutdown=10,
     )
     server = Server(config)
 
@@ -90,7 +160,14 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any) -> None:
                 return
             await asyncio.sleep(0.01)
         log.info("qmgrd %s ready on %s (pid %d)", __version__, s.socket, os.getpid())
-        systemd.notify(f"READY=1\nSTATUS=serving {s.socket}\nMAINPID={os.getpid()}")
+        systemd.notify(f"READY=1\nSTATUS={serving_status(s, daemon)}\nMAINPID={os.getpid()}")
+        # Without flags (the `qmgr daemon` command), keep the socket and home we run with.
+        reload_flags = flags if flags is not None else {
+            "system": s.system, "socket": str(s.socket), "home": str(s.home)}
+        reload = functools.partial(reload_settings, s, daemon, reload_flags)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload)
+        if EARLY_RELOAD:
+            reload()
         interval = systemd.watchdog_interval()
         # Pings come from the event loop itself, so a blocked loop stops them and systemd
         # restarts the daemon.
@@ -107,17 +184,22 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any) -> None:
 # Signals that arrive before uvicorn installs its handlers (during migrations and recovery, or
 # just after the socket is bound) are remembered here and end the daemon cleanly once it serves.
 EARLY_SIGNALS: list[int] = []
+# Likewise a SIGHUP (whose default action would kill the daemon): the reload happens once it
+# serves.
+EARLY_RELOAD: list[int] = []
 
 
-def run(s: Settings) -> int:
+def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. ``flags``: the command-line settings, kept on reload."""
     setup_logging(s.log_level)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda sig, frame: EARLY_SIGNALS.append(sig))
+    signal.signal(signal.SIGHUP, lambda sig, frame: EARLY_RELOAD.append(sig))
     adopted = systemd.listen_fds()
     lock = None
     try:
         if not adopted:
-            lock = lock_socket_path(s.socket, s.socket_dir_mode)
+            lock = lock_socket_path(s.socket, s.socket_dir_mode, not s.socket_explicit)
         from qmgr.daemon.state import Daemon
 
         systemd.notify("STATUS=migrating and recovering the catalog")
@@ -129,8 +211,10 @@ def run(s: Settings) -> int:
         sock = adopted[0] if adopted else bind_socket(s.socket)
         if adopted:
             log.info("using the socket passed by systemd")
-        asyncio.run(serve(s, sock, daemon))
+        asyncio.run(serve(s, sock, daemon, flags))
     finally:
+        # A reload now would come too late, and dying of SIGHUP would skip the cleanup.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         daemon.close()
         if lock is not None:
             s.socket.unlink(missing_ok=True)
@@ -147,12 +231,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="run as the system service (/run/qmgr, /var/lib/qmgr)")
     parser.add_argument("--version", action="version", version=f"qmgrd {__version__}")
     args = parser.parse_args(argv)
+    flags = {"system": args.system, "socket": args.socket, "home": args.home}
     try:
-        s = settings_mod.load(system=args.system, socket=args.socket, home=args.home)
+        s = settings_mod.load(**flags)
     except QmgrError as e:
         print(f"qmgrd: {e.message}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(run(s))
+    sys.exit(run(s, flags))
 
 
 if __name__ == "__main__":
