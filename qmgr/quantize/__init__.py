@@ -1,0 +1,1 @@
+"""Quantizing: the quantizer contract, the worker process, the quantize job."""
