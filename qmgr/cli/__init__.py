@@ -128,4 +128,13 @@ def main() -> None:
 
 
 # The command families register themselves on ``cli``.
-from qmgr.cli import catalog, fit, mirror, pull, service, system, watch  # noqa: E402, F401
+from qmgr.cli import (  # noqa: E402, F401
+    catalog,
+    fit,
+    mirror,
+    pull,
+    quantize,
+    service,
+    system,
+    watch,
+)

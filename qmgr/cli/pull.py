@@ -20,6 +20,11 @@ def _bar(job: dict[str, Any], width: int = 28) -> str:
     p = job.get("progress") or {}
     phase = p.get("phase") or job["state"]
     done, total = p.get("done") or 0, p.get("total")
+    if p.get("fraction") is not None and phase not in ("done", "downloading"):
+        frac = min(1.0, float(p["fraction"]))
+        filled = int(frac * width)
+        return (f"{phase} {frac * 100:5.1f}% [{'#' * filled}{'.' * (width - filled)}] "
+                f"{p.get('message', '')[:40]}")
     if phase != "downloading" or not total:
         return f"{phase}..."
     frac = min(1.0, done / total)

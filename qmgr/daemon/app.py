@@ -277,6 +277,76 @@ def remote_variants(d: Daemon, request: Request) -> dict[str, Any]:
                                     headers=q.get("headers") not in ("0", "false"))
 
 
+QUANTIZE_BODY = {
+    "type": "object", "required": ["ref", "targets"],
+    "properties": {"ref": {"type": "string"},
+                   "targets": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                   "quantizer": {"type": "string"}, "imatrix": {"type": "string"},
+                   "options": {"type": "object"}},
+}
+
+
+@endpoint("POST", "/v1/quantize", "Start a quantize job: REF to each target type",
+          body=QUANTIZE_BODY)
+def start_quantize(d: Daemon, request: Request) -> dict[str, Any]:
+    from qmgr.quantize.contract import QuantizeOptions
+
+    body = _json_body(request)
+    targets = body.get("targets")
+    if not isinstance(body.get("ref"), str) or not isinstance(targets, list) or not targets \
+            or not all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9_]{1,32}", t)
+                       for t in targets):
+        raise QmgrError("give 'ref' and a list of target types in 'targets'",
+                        code="bad_request")
+    try:
+        QuantizeOptions.from_dict(dict(body.get("options") or {}))
+    except (TypeError, ValueError) as e:
+        raise QmgrError(str(e), code="bad_option") from e
+    d.quantizing.source(body["ref"])  # a missing or unready source fails before a job exists
+    quantizer = body.get("quantizer")
+    if quantizer is not None:
+        names = [q.name for q in d.plugins.registered("register_quantizers")]
+        if quantizer not in names:
+            raise QmgrError(f"no quantizer named {quantizer!r} (installed: {', '.join(names)})",
+                            code="no_quantizer", http_status=404)
+    return d.jobs.submit("quantize", {
+        "ref": body["ref"], "targets": [t.upper() for t in targets], "quantizer": quantizer,
+        "imatrix": body.get("imatrix"), "options": body.get("options") or {}})
+
+
+@endpoint("GET", "/v1/quantizers", "Installed quantizers: name, version, target types")
+def list_quantizers(d: Daemon, request: Request) -> list[dict[str, Any]]:
+    out = []
+    for q in d.plugins.registered("register_quantizers"):
+        try:
+            targets = list(q.targets())
+        except Exception as e:  # a plugin's bug shows, the list still answers
+            targets = [f"error: {type(e).__name__}: {e}"]
+        out.append({"name": q.name, "version": str(getattr(q, "version", "?")),
+                    "targets": targets,
+                    "options": sorted(getattr(q, "supported_options", []))})
+    return out
+
+
+IMATRIX_BODY = {"type": "object", "required": ["ref", "text"],
+                "properties": {"ref": {"type": "string"}, "text": {"type": "string"},
+                               "n_ctx": {"type": "integer"}}}
+
+
+@endpoint("POST", "/v1/imatrix", "Start computing an importance matrix from calibration text",
+          body=IMATRIX_BODY)
+def start_imatrix(d: Daemon, request: Request) -> dict[str, Any]:
+    body = _json_body(request)
+    text = body.get("text")
+    if not isinstance(body.get("ref"), str) or not isinstance(text, str) \
+            or not Path(text).is_absolute() or not Path(text).is_file():
+        raise QmgrError("give 'ref' and 'text', the absolute path of a calibration text file",
+                        code="bad_request")
+    d.quantizing.source(body["ref"])
+    return d.jobs.submit("imatrix", {"ref": body["ref"], "text": text,
+                                     "n_ctx": body.get("n_ctx")})
+
+
 @endpoint("GET", "/v1/jobs", "Recent jobs, newest first")
 def list_jobs(d: Daemon, request: Request) -> list[dict[str, Any]]:
     return d.jobs.list()

@@ -140,8 +140,9 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
 
 
 def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
-                   facts: dict[str, Any], *, origin: Origin, source_ref: str, in_store: bool,
-                   tag: str | None = None) -> tuple[dict[str, Any], bool]:
+                   facts: dict[str, Any], *, origin: Origin, source_ref: str | None,
+                   in_store: bool, tag: str | None = None, parent_id: int | None = None,
+                   recipe: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
     """Catalog verified files as a ready variant of ``model_name`` in one transaction.
 
     The same bytes already cataloged under that model make no second variant; the same bytes
@@ -172,6 +173,8 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
             origin=origin,
             facts=facts,
             source_ref=source_ref,
+            parent_variant_id=parent_id,
+            recipe=recipe,
         )
         session.add(variant)
         for i, s in enumerate(shards):

@@ -23,6 +23,7 @@ class Daemon:
         from qmgr.daemon.watcher import Watcher
         from qmgr.fetch.pull import Puller
         from qmgr.fit.service import Fitter
+        from qmgr.quantize.job import Quantizing
 
         self.settings = settings
         self.started = time.monotonic()
@@ -43,6 +44,9 @@ class Daemon:
         self.fitter = Fitter(self.puller, settings)
         self.puller.fitter = self.fitter
         self.jobs.register("pull", self.puller.run)
+        self.quantizing = Quantizing(self.catalog, self.store)
+        self.jobs.register("quantize", self.quantizing.run)
+        self.jobs.register("imatrix", self.quantizing.run_imatrix)
         self.jobs.resume_unfinished()
 
     def close(self) -> None:

@@ -1,0 +1,161 @@
+"""The quantize job: worker processes, publication, lineage, failures that leave nothing.
+
+Uses throwaway quantizer plugins installed for real (an entry point on the daemon's
+PYTHONPATH), so the machinery is tested without llama.cpp; the llama.cpp and numpy
+quantizers have tests of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Env
+from ggufmake import make_tiny_gguf
+from test_plugins import install
+
+QUANTIZERS = """
+    import os, shutil, time
+    from qmgr import hookimpl
+    from qmgr.quantize.contract import QuantizeError
+
+    class Copy:
+        name = "copy"
+        version = "1.2"
+        supported_options = frozenset({"pure", "threads"})
+
+        def targets(self):
+            return ["Q8_0", "F16"]
+
+        def quantize(self, job):
+            total = 4
+            for i in range(total):
+                job.progress((i + 1) / total, f"tensor {i}")
+            shutil.copyfile(job.src, job.dst)
+            with open(job.dst, "ab") as f:  # other bytes per target: a new variant each
+                f.write(job.target.encode().ljust(32, b"\\0"))
+            return {"copied": os.path.getsize(job.src)}
+
+    class Broken:
+        name = "broken"
+        version = "0"
+        supported_options = frozenset()
+
+        def targets(self):
+            return ["Q8_0", "Q4_0", "SLOW", "REFUSE"]
+
+        def quantize(self, job):
+            if job.target == "Q8_0":
+                with open(job.dst, "wb") as f:
+                    f.write(b"GGUF" + b"\\xff" * 100)  # not a valid file
+                return {}
+            if job.target == "Q4_0":
+                with open(job.dst, "wb") as f:
+                    f.write(b"half a file")
+                os.abort()  # a native library dying mid-write
+            if job.target == "REFUSE":
+                raise QuantizeError("this source is not quantizable", code="refused")
+            with open(job.dst, "wb") as f:
+                f.write(b"x" * 1000)
+            job.progress(0.5, "sleeping")
+            time.sleep(60)
+
+    @hookimpl
+    def register_quantizers(register):
+        register(Copy())
+        register(Broken())
+"""
+
+
+@pytest.fixture
+def quantizing(qenv: Env, tmp_path: Path) -> Env:
+    site = tmp_path / "site"
+    site.mkdir()
+    install(site, "testquant", QUANTIZERS)
+    qenv.env.update(PYTHONPATH=str(site), QMGR_PLUGINS="testquant")
+    qenv.start()
+    src = make_tiny_gguf(tmp_path / "base-F16.gguf", ftype="F16")
+    qenv.qmgr("import", "--copy", str(src))
+    return qenv
+
+
+def partials(env: Env) -> list[Path]:
+    return list((env.home / "store" / "partial").iterdir())
+
+
+def test_quantize_makes_variants_with_lineage_and_recipe(quantizing: Env) -> None:
+    r = quantizing.qmgr("quantize", "base:F16", "--to", "Q8_0,F16", "--quantizer", "copy",
+                        "--pure")
+    assert r.stdout.split() == ["base:Q8_0", "base:F16-2"]
+    rows = {x["ref"]: x for x in quantizing.json("list")}
+    assert rows["base:Q8_0"]["origin"] == "quantized"
+    show = quantizing.json("show", "base:Q8_0")
+    assert show["lineage"] == ["base:F16"]
+    recipe = show["recipe"]
+    assert recipe["quantizer"] == "copy" and recipe["version"] == "1.2"
+    assert recipe["options"] == {"pure": True} and recipe["imatrix_sha256"] is None
+    assert recipe["parent_sha256"] == rows["base:F16"]["sha256"]
+    assert recipe["details"]["copied"] == rows["base:F16"]["size"]
+    parent = quantizing.json("show", "base:F16")
+    assert sorted(parent["children"]) == ["base:F16-2", "base:Q8_0"]
+    tree = quantizing.qmgr("show", "base:Q8_0").stdout
+    assert "lineage" in tree and "base:F16" in tree and "└─ base:Q8_0" in tree
+    # The same recipe again: nothing new.
+    r = quantizing.qmgr("quantize", "base:F16", "--to", "Q8_0", "--quantizer", "copy", "--pure")
+    assert r.stdout.split() == ["base:Q8_0"]
+    assert partials(quantizing) == []
+
+
+def test_progress_events(quantizing: Env) -> None:
+    out = quantizing.qmgr("quantize", "base:F16", "--to", "Q8_0", "--quantizer", "copy",
+                          "--json").stdout.splitlines()
+    events = [json.loads(x) for x in out]
+    assert events[-1]["state"] == "succeeded"
+    fractions = [e["progress"].get("fraction") for e in events if e["progress"].get("fraction")]
+    assert fractions == sorted(fractions)
+
+
+@pytest.mark.parametrize("target,message", [
+    ("Q8_0", "invalid GGUF"),
+    ("Q4_0", "the worker died"),
+    ("REFUSE", "this source is not quantizable"),
+])
+def test_failed_quantization_leaves_nothing(quantizing: Env, target: str, message: str) -> None:
+    r = quantizing.qmgr("quantize", "base:F16", "--to", target, "--quantizer", "broken",
+                        check=False)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert [x["ref"] for x in quantizing.json("list")] == ["base:F16"]
+    assert partials(quantizing) == []
+    assert len(list((quantizing.home / "store" / "blobs").iterdir())) == 1
+    assert quantizing.proc is not None and quantizing.proc.poll() is None
+
+
+def test_cancel_kills_the_worker(quantizing: Env) -> None:
+    job = json.loads(quantizing.qmgr("quantize", "base:F16", "--to", "SLOW", "--quantizer",
+                                     "broken", "--detach", "--json").stdout)
+    deadline = time.monotonic() + 30
+    while (j := quantizing.json("jobs")[0])["progress"].get("fraction") is None:
+        assert time.monotonic() < deadline, j
+        time.sleep(0.1)
+    quantizing.qmgr("cancel", str(job["id"]))
+    while (j := quantizing.json("jobs")[0])["state"] == "running":
+        assert time.monotonic() < deadline, j
+        time.sleep(0.1)
+    assert j["state"] == "cancelled"
+    assert partials(quantizing) == []
+
+
+def test_bad_requests_are_refused_before_a_job(quantizing: Env) -> None:
+    for args, message in [
+        (["nope:F16", "--to", "Q8_0"], "not in the catalog"),
+        (["base:F16", "--to", "Q8_0", "--quantizer", "missing"], "no quantizer named"),
+        (["base:F16", "--to", "Q8_0", "--quantizer", "copy", "--leave-output"],
+         "does not support leave_output"),
+        (["base:F16", "--to", "Q2_K", "--quantizer", "copy"], "cannot make Q2_K"),
+    ]:
+        r = quantizing.qmgr("quantize", *args, check=False)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
+    names = {q["name"]: q for q in quantizing.json("quantizers")}
+    assert names["copy"]["targets"] == ["Q8_0", "F16"]
