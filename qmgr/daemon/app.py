@@ -55,18 +55,57 @@ def endpoint(method: str, path: str, summary: str, body: dict[str, Any] | None =
     return decorate
 
 
+_JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "string": (str,), "boolean": (bool,), "integer": (int,), "number": (int, float),
+    "array": (list,), "object": (dict,),
+}
+
+
+def _check(value: Any, schema: dict[str, Any], where: str) -> None:
+    """Validate against the subset of JSON Schema the endpoint table uses: the same document
+    the OpenAPI description publishes, so the two cannot disagree."""
+    kind = schema.get("type")
+    types = _JSON_TYPES.get(kind or "", (object,))
+    if not isinstance(value, types) or (kind in ("integer", "number")
+                                        and isinstance(value, bool)):
+        raise QmgrError(f"{where} must be of type {kind}", code="bad_request")
+    if kind == "string" and "pattern" in schema and not re.fullmatch(schema["pattern"], value):
+        what = schema.get("description") or f"a match of {schema['pattern']}"
+        raise QmgrError(f"{where} must be {what}", code="bad_request")
+    if kind == "array":
+        if len(value) < schema.get("minItems", 0):
+            raise QmgrError(f"{where} needs at least {schema['minItems']} items",
+                            code="bad_request")
+        for i, item in enumerate(value):
+            _check(item, schema.get("items", {}), f"{where}[{i}]")
+    if kind == "object" and "properties" in schema:
+        for key in schema.get("required", []):
+            if key not in value:
+                raise QmgrError(f"{where} needs '{key}'", code="bad_request")
+        for key, item in value.items():
+            if key in schema["properties"] and item is not None:
+                _check(item, schema["properties"][key], f"'{key}'")
+
+
 def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, validated against its endpoint's body schema."""
+    return request.state.json
+
+
+def _parse_body(raw: bytes, schema: dict[str, Any] | None) -> dict[str, Any]:
     import json
 
-    raw = request.state.body
     if not raw:
-        return {}
-    try:
-        data = json.loads(raw)
-    except ValueError as e:
-        raise QmgrError(f"request body is not JSON: {e}", code="bad_request") from e
+        data: Any = {}
+    else:
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise QmgrError(f"request body is not JSON: {e}", code="bad_request") from e
     if not isinstance(data, dict):
         raise QmgrError("request body must be a JSON object", code="bad_request")
+    if schema is not None:
+        _check(data, schema, "the request body")
     return data
 
 
@@ -169,12 +208,7 @@ IMPORT_BODY = {
           body=IMPORT_BODY)
 def import_files(d: Daemon, request: Request) -> dict[str, Any]:
     body = _json_body(request)
-    paths = body.get("paths")
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-        raise QmgrError("'paths' must be a non-empty list of absolute paths", code="bad_request")
-    name = body.get("name")
-    if name is not None and not isinstance(name, str):
-        raise QmgrError("'name' must be a string", code="bad_request")
+    paths, name = body["paths"], body.get("name")
     results = []
     for p in paths:
         try:
@@ -199,10 +233,7 @@ WATCH_BODY = {"type": "object", "required": ["path"],
 
 @endpoint("POST", "/v1/watches", "Watch a folder", body=WATCH_BODY)
 def add_watch(d: Daemon, request: Request) -> dict[str, Any]:
-    path = _json_body(request).get("path")
-    if not isinstance(path, str):
-        raise QmgrError("'path' must be an absolute directory path", code="bad_request")
-    return d.watcher.add(path)
+    return d.watcher.add(_json_body(request)["path"])
 
 
 @endpoint("DELETE", "/v1/watches", "Stop watching a folder (?path=DIR)")
@@ -217,7 +248,8 @@ def remove_watch(d: Daemon, request: Request) -> dict[str, Any]:
 PULL_BODY = {
     "type": "object", "required": ["ref"],
     "properties": {"ref": {"type": "string"}, "insecure": {"type": "boolean"},
-                   "sha256": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"},
+                   "sha256": {"type": "string", "pattern": "[0-9a-fA-F]{64}",
+                              "description": "64 hex digits"},
                    "fit": {"type": "boolean"}, "ctx": {"type": "integer"},
                    "kv_type": {"type": "string"}, "headroom": {"type": "number"},
                    "hw": {"type": "string"}},
@@ -230,13 +262,8 @@ def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
     from qmgr.refs import parse
 
     body = _json_body(request)
-    ref = body.get("ref")
-    if not isinstance(ref, str):
-        raise QmgrError("'ref' must be a string", code="bad_request")
+    ref, sha = body["ref"], body.get("sha256")
     parse(ref)  # a bad reference fails here, before a job exists
-    sha = body.get("sha256")
-    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
-        raise QmgrError("'sha256' must be 64 hex digits", code="bad_digest")
     args: dict[str, Any] = {"ref": ref, "insecure": bool(body.get("insecure")),
                             "sha256": sha.lower() if sha else None}
     if body.get("fit"):
@@ -280,7 +307,9 @@ def remote_variants(d: Daemon, request: Request) -> dict[str, Any]:
 QUANTIZE_BODY = {
     "type": "object", "required": ["ref", "targets"],
     "properties": {"ref": {"type": "string"},
-                   "targets": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                   "targets": {"type": "array", "minItems": 1,
+                               "items": {"type": "string", "pattern": "[A-Za-z0-9_]{1,32}",
+                                         "description": "a quant type name"}},
                    "quantizer": {"type": "string"}, "imatrix": {"type": "string"},
                    "options": {"type": "object"}},
 }
@@ -292,12 +321,7 @@ def start_quantize(d: Daemon, request: Request) -> dict[str, Any]:
     from qmgr.quantize.contract import QuantizeOptions
 
     body = _json_body(request)
-    targets = body.get("targets")
-    if not isinstance(body.get("ref"), str) or not isinstance(targets, list) or not targets \
-            or not all(isinstance(t, str) and re.fullmatch(r"[A-Za-z0-9_]{1,32}", t)
-                       for t in targets):
-        raise QmgrError("give 'ref' and a list of target types in 'targets'",
-                        code="bad_request")
+    targets = body["targets"]
     try:
         QuantizeOptions.from_dict(dict(body.get("options") or {}))
     except (TypeError, ValueError) as e:
@@ -337,9 +361,8 @@ IMATRIX_BODY = {"type": "object", "required": ["ref", "text"],
           body=IMATRIX_BODY)
 def start_imatrix(d: Daemon, request: Request) -> dict[str, Any]:
     body = _json_body(request)
-    text = body.get("text")
-    if not isinstance(body.get("ref"), str) or not isinstance(text, str) \
-            or not Path(text).is_absolute() or not Path(text).is_file():
+    text = body["text"]
+    if not Path(text).is_absolute() or not Path(text).is_file():
         raise QmgrError("give 'ref' and 'text', the absolute path of a calibration text file",
                         code="bad_request")
     d.quantizing.source(body["ref"])
@@ -382,9 +405,7 @@ def add_alias(d: Daemon, request: Request) -> dict[str, Any]:
     from qmgr.refs import parse
 
     body = _json_body(request)
-    name, target = body.get("name"), body.get("reference")
-    if not isinstance(name, str) or not isinstance(target, str):
-        raise QmgrError("'name' and 'reference' must be strings", code="bad_request")
+    name, target = body["name"], body["reference"]
     typed = parse(name)
     if typed.kind != "alias" or typed.quant:
         raise QmgrError(f"alias name {name!r} must be a plain name (no ':' or '/')",
@@ -475,7 +496,7 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
 
 def _route(d: Daemon, e: Endpoint) -> Route:
     async def handle(request: Request) -> Response:
-        request.state.body = await request.body()
+        request.state.json = _parse_body(await request.body(), e.body)
         # Catalog work blocks (SQLite, hashing): run it in the thread pool.
         result = await run_in_threadpool(e.handler, d, request)
         return result if isinstance(result, Response) else JSONResponse(result)
