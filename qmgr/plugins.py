@@ -40,6 +40,7 @@ DEFAULT_PLUGINS = (
     "qmgr.builtin.nvidia_probe",
     "qmgr.builtin.amd_probe",
     "qmgr.builtin.apple_probe",
+    "qmgr.builtin.numpy_quantizer",
     "qmgr.builtin.hf_source",
     "qmgr.builtin.ollama_source",
     "qmgr.builtin.url_source",

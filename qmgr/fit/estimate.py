@@ -47,10 +47,19 @@ SWA_PATTERNS = {"gemma3": 6, "gemma2": 2, "cohere2": 4, "gemma3n": 5}
 
 # -- calibration (see docs/fit.md, bench/bench_estimate.py) ------------------------------------
 CUDA_CONTEXT = 630 * MiB  # measured on an H200 (CUDA 13): context + cuBLAS workspace
-CPU_RUNTIME = 24 * MiB  # libllama's own allocations beyond the buffers, on the CPU
-# Share of the CPU compute buffer that becomes resident in a prompt pass, and the share of the
-# logits part of it (only the rows of tokens whose logits are requested are touched).
-CPU_COMPUTE_TOUCHED = 0.25
+# On the CPU, measured with llama-cpp-python 0.3.36 (bench/bench_estimate.py, docs/fit.md):
+# beyond the mapped weights and the KV cache, a process grows by a fixed runtime part, a part
+# that follows the vocabulary (llama.cpp's token tables), and the touched part of the compute
+# buffer, which grows with the context up to ~8k cells and then levels off.
+CPU_RUNTIME = 44 * MiB
+CPU_PER_VOCAB_TOKEN = 80  # bytes
+CPU_COMPUTE_PER_CELL = 2816  # bytes, up to CPU_COMPUTE_CELLS cells
+CPU_COMPUTE_CELLS = 8192
+# Weight types llama.cpp's CPU backend repacks into interleaved copies at load (AVX2/NEON).
+# The copy is what the model needs; the mapped original, read once while loading, stays
+# resident too but as clean file pages the kernel reclaims under pressure. So they count in
+# what a process shows (``resident``), not in what must fit (``total``).
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
 @dataclass
@@ -73,6 +82,7 @@ class ModelShape:
     output_bytes: int  # output head + final norm
     tied_bytes: int  # the token embedding, when the head reuses it (tied embeddings)
     file_size: int
+    repacked_bytes: list[int]  # per layer, bytes of weights the CPU backend repacks
     quant_type: str | None = None
 
     @property
@@ -112,6 +122,7 @@ class ModelShape:
             n = pattern if isinstance(pattern, int) else SWA_PATTERNS.get(arch, 0)
             swa = [bool(n_swa) and (n == 0 or (i % n) < n - 1) for i in range(n_layer)]
         layer_bytes = [0] * n_layer
+        repacked = [0] * n_layer
         input_bytes = output_bytes = 0
         has_output = False
         block = re.compile(r"^blk\.(\d+)\.")
@@ -119,6 +130,8 @@ class ModelShape:
             m = block.match(t.name)
             if m and int(m.group(1)) < n_layer:
                 layer_bytes[int(m.group(1))] += t.n_bytes
+                if t.type_name in REPACKED_TYPES and len(t.shape) >= 2:
+                    repacked[int(m.group(1))] += t.n_bytes
             elif t.name.startswith("output"):
                 output_bytes += t.n_bytes
                 has_output = has_output or t.name == "output.weight"
@@ -130,7 +143,7 @@ class ModelShape:
             (t.n_bytes for t in header.tensors if t.name == "token_embd.weight"), 0)
         return cls(arch, n_layer, n_embd, facts.vocab_size or 0, heads, heads_kv, head_k,
                    head_v, facts.context_length, n_swa, swa, layer_bytes, input_bytes,
-                   output_bytes, tied, header.file_size, facts.quant_type)
+                   output_bytes, tied, header.file_size, repacked, facts.quant_type)
 
 
 def _per_layer(value: Any, n: int, default: int) -> list[int]:
@@ -189,15 +202,22 @@ class DeviceUse:
     overhead: int = 0
     layers: int = 0
     budget: int = 0  # what may be used of this device (free memory minus headroom)
+    reclaimable: int = 0  # clean file pages resident beside the above (see REPACKED_TYPES)
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.compute + self.overhead
 
+    @property
+    def resident(self) -> int:
+        """What the process's resident size shows (the total plus reclaimable pages)."""
+        return self.total + self.reclaimable
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "index": self.index, "name": self.name,
                 "weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
-                "overhead": self.overhead, "total": self.total, "layers": self.layers,
+                "overhead": self.overhead, "total": self.total,
+                "reclaimable": self.reclaimable, "layers": self.layers,
                 "budget": self.budget, "fits": self.total <= self.budget}
 
 
@@ -233,10 +253,12 @@ def _cpu_use(shape: ModelShape, n_ctx: int, kv_type: str, cpu_layers: range,
     use.weights = shape.input_bytes + sum(shape.layer_bytes[i] for i in cpu_layers)
     if output_on_cpu:
         use.weights += shape.output_bytes
+    use.reclaimable = sum(shape.repacked_bytes[i] for i in cpu_layers)
     use.kv_cache = sum(kv_bytes(shape, i, n_ctx, kv_type) for i in cpu_layers)
-    # Only the part of the CPU compute buffer a prompt pass touches becomes resident.
-    use.compute = int(CPU_COMPUTE_TOUCHED * compute_bytes(shape, n_ctx, with_output=output_on_cpu))
-    use.overhead = CPU_RUNTIME
+    # Only the part of the CPU compute buffer a batch touches becomes resident, not the whole
+    # reserve (which is sized for 512 rows of logits).
+    use.compute = 4 * shape.n_vocab + CPU_COMPUTE_PER_CELL * min(_pad(n_ctx), CPU_COMPUTE_CELLS)
+    use.overhead = CPU_RUNTIME + CPU_PER_VOCAB_TOKEN * shape.n_vocab
     use.layers = len(cpu_layers)
     return use
 

@@ -1,0 +1,1 @@
+"""Running models: the backend contract, runner processes, the daemon's loaded models."""

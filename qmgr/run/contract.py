@@ -1,0 +1,97 @@
+"""What a runtime backend plugin implements (registered with ``register_backends``).
+
+A backend loads a GGUF file with a placement and serves one session::
+
+    class MyBackend:
+        name = "my-engine"
+        version = "1.0"
+
+        def can_run(self, facts: dict, devices: list) -> str | None:
+            return None                      # or why not ("no GPU build", "arch unknown")
+
+        def load(self, path: Path, options: LoadOptions) -> Session: ...
+
+    class Session:
+        def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]: ...
+        def chat(self, messages: list[dict], params: GenParams) -> Iterator[Piece]: ...
+        def score(self, tokens: list[int], n_ctx: int, first: int) -> Scores: ...
+        def tokenize(self, text: str) -> list[int]: ...
+        def close(self) -> None: ...
+
+Sessions run in a runner process of qmgr's (``python -m qmgr.run.runner``), one per loaded
+model, never in the daemon: a native engine that crashes takes its runner down, not the
+catalog. The placement in ``LoadOptions`` comes from the fit estimator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    n_ctx: int = 4096
+    n_gpu_layers: int = 0  # layers offloaded to GPUs (llama.cpp's -ngl); -1 all
+    threads: int | None = None
+    kv_type: str = "f16"
+    flash_attn: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class GenParams:
+    max_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy, the same answer every time
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int = 0
+    stop: list[str] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenParams:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
+
+
+@dataclasses.dataclass
+class Piece:
+    """A piece of generated text, and the timing when generation ends."""
+
+    text: str
+    done: bool = False
+    stats: dict[str, Any] | None = None  # prompt_tokens, tokens, prompt_s, eval_s
+
+
+@dataclasses.dataclass
+class Scores:
+    """Per-token results of scoring a text (for ``qmgr eval``)."""
+
+    logprobs: list[float]  # log p(actual next token), for each scored position
+    top: list[int]  # the most likely token at each scored position
+    # Full log-distributions, only when asked for (KL divergence needs them); float32 rows.
+    distributions: Any = None
+
+
+class Session(Protocol):
+    def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]: ...
+
+    def chat(self, messages: list[dict[str, str]], params: GenParams) -> Iterator[Piece]: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+    version: str
+
+    def can_run(self, facts: dict[str, Any], devices: list[Any]) -> str | None: ...
+
+    def load(self, path: Path, options: LoadOptions) -> Session: ...
