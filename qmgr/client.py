@@ -158,11 +158,15 @@ class Client:
             _raise_for(response)
         return response
 
-    def stream_lines(self, path: str) -> Any:
-        """GET a newline-delimited JSON stream; yields one decoded object per line."""
+    def stream_lines(self, path: str, body: Any = None) -> Any:
+        """A newline-delimited JSON stream (GET, or POST with a body); yields one decoded
+        object per line as it arrives."""
+        method = "GET" if body is None else "POST"
+        payload = b"" if body is None else json.dumps(body).encode()
         with self.connect() as s:
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: qmgrd\r\nConnection: close\r\n"
-                      "Accept: application/x-ndjson\r\n\r\n".encode())
+            s.sendall(f"{method} {path} HTTP/1.1\r\nHost: qmgrd\r\nConnection: close\r\n"
+                      "Accept: application/x-ndjson\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
             f = s.makefile("rb")
             head = b""
             while (line := f.readline()) not in (b"\r\n", b"\n", b""):

@@ -8,7 +8,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from qmgr.catalog.models import Blob, Model, Variant, VariantFile, VariantState, WatchedFolder
+from qmgr.catalog.models import (
+    Blob,
+    Eval,
+    Model,
+    Variant,
+    VariantFile,
+    VariantState,
+    WatchedFolder,
+)
 from qmgr.errors import Conflict, NotFound, QmgrError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
@@ -84,6 +92,11 @@ def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
         f"{c.model.name}:{c.tag}"
         for c in session.scalars(select(Variant).where(Variant.parent_variant_id == v.id))
     ]
+    measured: dict[str, Any] = {}
+    for e in session.scalars(select(Eval).where(Eval.variant_id == v.id).order_by(Eval.id)):
+        measured[e.metric] = {"value": e.value, "tokens": e.tokens, "backend": e.backend,
+                              "dataset": e.dataset_digest, "at": e.created_at.isoformat()}
+    out["measured"] = measured
     return out
 
 

@@ -131,9 +131,11 @@ def main() -> None:
 from qmgr.cli import (  # noqa: E402, F401
     catalog,
     fit,
+    measure,
     mirror,
     pull,
     quantize,
+    run,
     service,
     system,
     watch,

@@ -471,6 +471,17 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
             op["requestBody"] = {"required": True,
                                  "content": {"application/json": {"schema": e.body}}}
         paths.setdefault(path, {})[e.method.lower()] = op
+    paths["/v1/generate"] = {"post": {
+        "summary": "Generate from a prompt, or chat from messages, streaming newline-delimited "
+                   "JSON ({\"text\"} pieces, then {\"done\": stats})",
+        "operationId": "generate",
+        "requestBody": {"required": True,
+                        "content": {"application/json": {"schema": GENERATE_BODY}}},
+        "responses": {"200": {"description": "pieces",
+                              "content": {"application/x-ndjson": {"schema": {}}}},
+                      "default": {"description": "Error",
+                                  "content": {"application/json": {"schema": error}}}},
+    }}
     paths["/v1/jobs/{job_id}/events"] = {"get": {
         "summary": "A job's progress as newline-delimited JSON, until it ends",
         "operationId": "job_events",
@@ -539,6 +550,97 @@ async def job_events(d: Daemon, request: Request) -> Response:
     return StreamingResponse(events(), media_type="application/x-ndjson")
 
 
+GENERATE_BODY = {
+    "type": "object", "required": ["ref"],
+    "properties": {"ref": {"type": "string"}, "prompt": {"type": "string"},
+                   "messages": {"type": "array", "items": {"type": "object"}},
+                   "ctx": {"type": "integer"}, "kv_type": {"type": "string"},
+                   "hw": {"type": "string"}, "params": {"type": "object"}},
+}
+
+
+async def generate(d: Daemon, request: Request) -> Response:
+    """Newline-delimited JSON: ``{"text": ...}`` pieces, then ``{"done": stats}``."""
+    import asyncio
+    import json
+    import threading
+
+    from starlette.responses import StreamingResponse
+
+    body = _parse_body(await request.body(), GENERATE_BODY)
+    if ("prompt" in body) == ("messages" in body):
+        raise QmgrError("give either 'prompt' or 'messages'", code="bad_request")
+    runner = await run_in_threadpool(d.running.runner, body["ref"], body.get("ctx"),
+                                      body.get("kv_type") or "f16", body.get("hw"))
+    req = ({"op": "generate", "prompt": body["prompt"]} if "prompt" in body
+           else {"op": "chat", "messages": body["messages"]})
+    req["params"] = body.get("params") or {}
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def work() -> None:
+        try:
+            for msg in runner.request(req):
+                loop.call_soon_threadsafe(queue.put_nowait, msg)
+        except QmgrError as e:
+            loop.call_soon_threadsafe(queue.put_nowait, e.to_dict())
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=work, daemon=True).start()
+
+    async def lines() -> Any:
+        while (msg := await queue.get()) is not None:
+            yield json.dumps(msg) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+MEASURE_BODY = {
+    "type": "object", "required": ["ref"],
+    "properties": {"ref": {"type": "string"},
+                   "variants": {"type": "array", "items": {"type": "string"}},
+                   "text": {"type": "string"}, "ctx": {"type": "integer"},
+                   "tokens": {"type": "integer"}, "max_tokens": {"type": "integer"}},
+}
+
+
+@endpoint("POST", "/v1/eval", "Start an eval job: perplexity, ΔPPL, KL divergence and top-token "
+          "agreement of each variant against the model's highest-precision one",
+          body=MEASURE_BODY)
+def start_eval(d: Daemon, request: Request) -> dict[str, Any]:
+    body = _json_body(request)
+    text = body.get("text")
+    if text and (not Path(text).is_absolute() or not Path(text).is_file()):
+        raise QmgrError(f"--text {text}: not a file", code="bad_request")
+    d.measuring.variants(body["ref"], body.get("variants"))  # fail before a job exists
+    return d.jobs.submit("eval", body)
+
+
+@endpoint("POST", "/v1/bench", "Start a bench job: prompt and generation tokens/s per variant",
+          body=MEASURE_BODY)
+def start_bench(d: Daemon, request: Request) -> dict[str, Any]:
+    body = _json_body(request)
+    d.measuring.variants(body["ref"], body.get("variants"))
+    return d.jobs.submit("bench", body)
+
+
+@endpoint("GET", "/v1/ps", "Loaded models: memory, placement, idle time")
+def ps(d: Daemon, request: Request) -> list[dict[str, Any]]:
+    return d.models.ps()
+
+
+@endpoint("POST", "/v1/stop", "Unload a model (all when 'ref' is absent)",
+          body={"type": "object", "properties": {"ref": {"type": "string"}}})
+def stop(d: Daemon, request: Request) -> dict[str, Any]:
+    ref = _json_body(request).get("ref")
+    if ref:
+        with d.catalog.reading() as session:
+            v = queries.resolve_one(session, ref)
+            ref = f"{v.model.name}:{v.tag}"
+    return {"stopped": d.models.stop(ref)}
+
+
 def build_app(d: Daemon) -> Starlette:
     document = openapi()
     routes = [_route(d, e) for e in ENDPOINTS]
@@ -548,6 +650,11 @@ def build_app(d: Daemon) -> Starlette:
 
     routes.append(Route("/v1/jobs/{job_id:int}/events", events_route, methods=["GET"],
                         name="job_events"))
+
+    async def generate_route(request: Request) -> Response:
+        return await generate(d, request)
+
+    routes.append(Route("/v1/generate", generate_route, methods=["POST"], name="generate"))
     routes.append(Route("/openapi.json", lambda r: JSONResponse(document), methods=["GET"]))
 
     async def on_qmgr_error(request: Request, exc: Exception) -> Response:

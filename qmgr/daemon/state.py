@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -24,6 +25,9 @@ class Daemon:
         from qmgr.fetch.pull import Puller
         from qmgr.fit.service import Fitter
         from qmgr.quantize.job import Quantizing
+        from qmgr.run.manager import ModelManager
+        from qmgr.run.measure import Measuring
+        from qmgr.run.service import Running
 
         self.settings = settings
         self.started = time.monotonic()
@@ -47,9 +51,16 @@ class Daemon:
         self.quantizing = Quantizing(self.catalog, self.store)
         self.jobs.register("quantize", self.quantizing.run)
         self.jobs.register("imatrix", self.quantizing.run_imatrix)
+        keep_alive = float(os.environ.get("QMGR_KEEP_ALIVE", 300))
+        self.models = ModelManager(keep_alive)
+        self.running = Running(self.catalog, self.fitter, self.models)
+        self.measuring = Measuring(self.catalog, self.running, self.fitter.hardware)
+        self.jobs.register("eval", self.measuring.run_eval)
+        self.jobs.register("bench", self.measuring.run_bench)
         self.jobs.resume_unfinished()
 
     def close(self) -> None:
+        self.models.shutdown()
         self.jobs.shutdown()
         self.watcher.stop()
         self.catalog.close()

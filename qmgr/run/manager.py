@@ -1,0 +1,172 @@
+"""Loaded models: one runner process per (variant, context, placement), kept while in use.
+
+A runner stays loaded for ``keep_alive`` seconds after its last request (``QMGR_KEEP_ALIVE``,
+default 300; 0 unloads after every request) and is then stopped by the reaper. Requests to one
+runner are served one at a time; ``qmgr ps`` lists runners with their memory and placement,
+``qmgr stop`` unloads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmgr.errors import QmgrError
+from qmgr.run.contract import LoadOptions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKEND = "llama.cpp"
+
+
+@dataclass
+class Runner:
+    key: tuple[Any, ...]
+    ref: str
+    path: str
+    backend: str
+    options: LoadOptions
+    placement: dict[str, Any]
+    proc: subprocess.Popen[str]
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    busy: bool = False
+
+    def rss(self) -> int | None:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def request(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Send one request; yield its answer lines up to the final one."""
+        with self.lock:
+            self.busy = True
+            try:
+                assert self.proc.stdin is not None and self.proc.stdout is not None
+                try:
+                    self.proc.stdin.write(json.dumps(req) + "\n")
+                    self.proc.stdin.flush()
+                except BrokenPipeError as e:
+                    raise QmgrError(f"the runner of {self.ref} is gone (see the daemon log)",
+                                    code="runner_died") from e
+                for line in self.proc.stdout:
+                    msg = json.loads(line)
+                    yield msg
+                    if "done" in msg or "error" in msg:
+                        return
+                raise QmgrError(f"the runner of {self.ref} died (exit {self.proc.wait()}); see "
+                                "the daemon log", code="runner_died")
+            finally:
+                self.busy = False
+                self.last_used = time.monotonic()
+
+    def stop(self) -> None:
+        if self.alive():
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired, AssertionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, "pid": self.proc.pid, "backend": self.backend,
+                "ctx": self.options.n_ctx, "gpu_layers": self.options.n_gpu_layers,
+                "kv_type": self.options.kv_type, "rss": self.rss(), "busy": self.busy,
+                "placement": self.placement, "loaded_at": self.loaded_at,
+                "idle_s": round(time.monotonic() - self.last_used, 1)}
+
+
+class ModelManager:
+    def __init__(self, keep_alive: float = 300.0, env: dict[str, str] | None = None):
+        self.keep_alive = keep_alive
+        self.env = dict(os.environ) if env is None else env
+        self.runners: dict[tuple[Any, ...], Runner] = {}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.reaper = threading.Thread(target=self._reap, name="qmgr-reaper", daemon=True)
+        self.reaper.start()
+
+    def runner(self, ref: str, path: str, options: LoadOptions, placement: dict[str, Any],
+               backend: str = DEFAULT_BACKEND) -> Runner:
+        key = (ref, path, options.n_ctx, options.n_gpu_layers, options.kv_type, backend)
+        with self.lock:
+            r = self.runners.get(key)
+            if r is not None and r.alive():
+                r.last_used = time.monotonic()
+                return r
+            r = self._start(key, ref, path, options, placement, backend)
+            self.runners[key] = r
+            return r
+
+    def _start(self, key: tuple[Any, ...], ref: str, path: str, options: LoadOptions,
+               placement: dict[str, Any], backend: str) -> Runner:
+        proc = subprocess.Popen([sys.executable, "-m", "qmgr.run.runner"], env=self.env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                bufsize=1, start_new_session=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({"backend": backend, "path": path,
+                                     "options": options.to_dict()}) + "\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        try:
+            answer = json.loads(line) if line else {}
+        except ValueError:
+            answer = {}
+        if "ready" not in answer:
+            proc.kill()
+            proc.wait()
+            err = answer.get("error") or {"message": "the runner exited while loading (see "
+                                                     "the daemon log)"}
+            raise QmgrError(f"cannot load {ref}: {err['message']}", code="load_failed",
+                            http_status=500)
+        log.info("loaded %s (pid %d, ctx %d, %d GPU layers)", ref, proc.pid, options.n_ctx,
+                 options.n_gpu_layers)
+        return Runner(key, ref, path, backend, options, placement, proc)
+
+    def ps(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r.to_dict() for r in self.runners.values() if r.alive()]
+
+    def stop(self, ref: str | None = None) -> list[str]:
+        with self.lock:
+            chosen = [k for k, r in self.runners.items() if ref is None or r.ref == ref]
+            runners = [self.runners.pop(k) for k in chosen]
+        for r in runners:
+            r.stop()
+        return [r.ref for r in runners]
+
+    def _reap(self) -> None:
+        while not self.stopping.wait(1.0):
+            now = time.monotonic()
+            with self.lock:
+                idle = [k for k, r in self.runners.items()
+                        if not r.alive() or (not r.busy and now - r.last_used > self.keep_alive)]
+                runners = [self.runners.pop(k) for k in idle]
+            for r in runners:
+                log.info("unloading %s (idle)", r.ref)
+                r.stop()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        self.stop()

@@ -1,0 +1,48 @@
+"""``qmgr run``/``chat``: a cataloged variant, placed by the fit estimator, in a runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qmgr import gguf
+from qmgr.catalog import queries
+from qmgr.catalog.db import Catalog
+from qmgr.catalog.models import VariantState
+from qmgr.errors import QmgrError
+from qmgr.fit.estimate import ModelShape, place
+from qmgr.run.contract import LoadOptions
+from qmgr.run.manager import ModelManager, Runner
+
+DEFAULT_CTX = 4096
+
+
+class Running:
+    def __init__(self, catalog: Catalog, fitter: Any, manager: ModelManager):
+        self.catalog = catalog
+        self.fitter = fitter
+        self.manager = manager
+
+    def variant(self, ref: str) -> tuple[str, list[str], dict[str, Any]]:
+        with self.catalog.reading() as session:
+            v = queries.resolve_one(session, ref)
+            if v.state != VariantState.READY:
+                raise QmgrError(f"{v.model.name}:{v.tag} is {v.state}: its file is not usable",
+                                code="not_ready", http_status=409)
+            return f"{v.model.name}:{v.tag}", [f.blob.path for f in v.files], dict(v.facts)
+
+    def runner(self, ref: str, ctx: int | None = None, kv_type: str = "f16",
+               hw: str | None = None, backend: str | None = None) -> Runner:
+        name, paths, facts = self.variant(ref)
+        n_ctx = ctx or min(DEFAULT_CTX, facts.get("context_length") or DEFAULT_CTX)
+        shape = ModelShape.from_headers([gguf.read_header(p) for p in paths])
+        devices = self.fitter.hardware(hw).devices
+        placement = place(shape, devices, n_ctx, kv_type)
+        if not placement.fits:
+            need = sum(d.total for d in placement.devices)
+            raise QmgrError(f"{name} needs {need / 2**30:.1f} GiB at --ctx {n_ctx} and does not "
+                            "fit this machine's memory (see `qmgr fit`); try a smaller --ctx "
+                            "or a smaller quant", code="does_not_fit", http_status=507)
+        options = LoadOptions(n_ctx=n_ctx, n_gpu_layers=placement.gpu_layers, kv_type=kv_type,
+                              flash_attn=kv_type != "f16")
+        return self.manager.runner(name, paths[0], options, placement.to_dict(),
+                                   backend or "llama.cpp")
