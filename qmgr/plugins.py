@@ -41,12 +41,17 @@ DEFAULT_PLUGINS = (
     "qmgr.builtin.amd_probe",
     "qmgr.builtin.apple_probe",
     "qmgr.builtin.numpy_quantizer",
+    "qmgr.builtin.llama_quantizer",
     "qmgr.builtin.hf_source",
     "qmgr.builtin.ollama_source",
     "qmgr.builtin.url_source",
 )
 
 ENTRY_POINT_GROUP = "qmgr"
+# Plugins that add `qmgr` commands name their module in this group too: the client loads only
+# these (importing every plugin, with the numpy or torch it brings, would make `qmgr --help`
+# slow).
+COMMANDS_GROUP = "qmgr.commands"
 
 # Hooks whose only argument is ``register``: what they register is collected and kept.
 REGISTER_HOOKS = ("register_sources", "register_quantizers", "register_probes",
@@ -75,7 +80,9 @@ class PluginSet:
     """Loaded plugins and what they registered."""
 
     def __init__(self, env: dict[str, str] | None = None, load_entry_points: bool = True,
-                 load_builtins: bool = True):
+                 load_builtins: bool | Callable[[str], bool] = True,
+                 group: str = ENTRY_POINT_GROUP):
+        self.group = group
         env = dict(os.environ) if env is None else env
         self.pm = pluggy.PluginManager("qmgr")
         self.pm.add_hookspecs(hookspecs)
@@ -85,7 +92,10 @@ class PluginSet:
         self.lock = threading.RLock()
         self.allowed = _split(env.get("QMGR_PLUGINS"))
         self.disabled = _split(env.get("QMGR_DISABLE_PLUGINS")) or set()
-        for module_name in DEFAULT_PLUGINS if load_builtins else ():
+        # load_builtins may be a filter on module names: a worker that needs only quantizers
+        # does not pay for importing the sources' HTTP stack.
+        wanted = load_builtins if callable(load_builtins) else (lambda m: bool(load_builtins))
+        for module_name in (m for m in DEFAULT_PLUGINS if wanted(m)):
             name = module_name.rsplit(".", 1)[-1]
             if name not in self.disabled:
                 self._load(name, qmgr.__version__, True,
@@ -96,7 +106,7 @@ class PluginSet:
     def _load_entry_points(self) -> None:
         from importlib.metadata import entry_points
 
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        for ep in entry_points(group=self.group):
             if ep.name in self.disabled or (
                 self.allowed is not None and ep.name not in self.allowed
             ):

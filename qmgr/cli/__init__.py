@@ -28,11 +28,11 @@ class QmgrGroup(click.Group):
         if self.plugins_loaded:
             return
         self.plugins_loaded = True
-        from qmgr.plugins import PluginSet
+        from qmgr.plugins import COMMANDS_GROUP, PluginSet
 
         # Built-in plugins add no commands (those live in this package) and import what the
         # daemon needs (httpx...): the client loads only third-party plugins.
-        plugins = PluginSet(load_builtins=False)
+        plugins = PluginSet(load_builtins=False, group=COMMANDS_GROUP)
         for impl in plugins.pm.hook.register_commands.get_hookimpls():
             try:
                 impl.function(cli=self)

