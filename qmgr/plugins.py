@@ -42,6 +42,7 @@ DEFAULT_PLUGINS = (
     "qmgr.builtin.apple_probe",
     "qmgr.builtin.numpy_quantizer",
     "qmgr.builtin.llama_quantizer",
+    "qmgr.builtin.llama_backend",
     "qmgr.builtin.hf_source",
     "qmgr.builtin.ollama_source",
     "qmgr.builtin.url_source",

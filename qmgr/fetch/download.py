@@ -37,6 +37,7 @@ CHUNK = 1 << 20
 # Dirty pages are flushed every this many bytes while the download runs, so the fsync before
 # publication has little left to do (the disk works while the network does).
 FLUSH_EVERY = 128 << 20
+HANDOFF_LIMIT = 64 << 20  # bytes of written chunks kept for the hashing thread
 # Free space kept beyond what a download needs, so the catalog and logs can still be written.
 SPACE_MARGIN = 64 << 20
 _STATE = struct.Struct("<8sQI")
@@ -92,6 +93,10 @@ class Download:
         self.state_path = store.partial / f"{key}.state"
         self.parts: list[Part] = []
         self.unflushed = 0
+        # Chunks just written, handed to the hashing thread by offset so that it need not read
+        # them back from the file (sha256 is the pace-maker: every copy saved counts).
+        self.fresh: dict[int, bytes] = {}
+        self.fresh_bytes = 0
         self.flush_wanted = threading.Event()
         self.lock = threading.Condition()
         self.error: BaseException | None = None
@@ -235,11 +240,19 @@ class Download:
                     return None
                 frontier = self._frontier()
             while hashed < frontier:
-                chunk = os.pread(self.fd, min(CHUNK * 4, frontier - hashed), hashed)
+                with self.lock:
+                    chunk = self.fresh.pop(hashed, None)
+                    if chunk is not None:
+                        self.fresh_bytes -= len(chunk)
+                if chunk is None:  # not handed over (resumed bytes, or the buffer was full)
+                    chunk = os.pread(self.fd, min(CHUNK * 4, frontier - hashed), hashed)
                 if not chunk:
                     raise QmgrError(f"{self.partial} shrank while downloading")
                 h.update(chunk)
                 hashed += len(chunk)
+                with self.lock:
+                    for stale in [k for k in self.fresh if k < hashed]:
+                        self.fresh_bytes -= len(self.fresh.pop(stale))
         return h.hexdigest()
 
     def _fail(self, error: BaseException) -> None:
@@ -324,8 +337,12 @@ class Download:
                         else:
                             raise FetchError(f"{redact(self.remote.url)}: sent more bytes "
                                              "than the range asked for")
-                    os.pwrite(self.fd, chunk, part.start + part.done)
+                    offset = part.start + part.done
+                    os.pwrite(self.fd, chunk, offset)
                     with self.lock:
+                        if self.fresh_bytes < HANDOFF_LIMIT:
+                            self.fresh[offset] = chunk
+                            self.fresh_bytes += len(chunk)
                         part.done += len(chunk)
                         self._save_state()
                         self.lock.notify_all()

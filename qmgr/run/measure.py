@@ -26,19 +26,12 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Eval, Model, Variant, VariantState
 from qmgr.daemon.jobs import JobHandle
 from qmgr.errors import QmgrError
+from qmgr.eval import read_text
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval.txt"
 BENCH_RUNS = 3
-
-
-def read_text(path: Path) -> str:
-    """An evaluation text; a first line starting with '#' (source and licence) is skipped."""
-    text = path.read_text(encoding="utf-8")
-    if text.startswith("#"):
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-    return text
 
 
 def precision_rank(v: Variant) -> float:
@@ -121,8 +114,10 @@ class Measuring:
                     runs.append(stats)
             finally:
                 self.running.manager.stop(ref)
-            pp = statistics.median(r["prompt_tokens"] / r["prompt_s"] for r in runs)
-            tg = statistics.median(r["tokens"] / r["eval_s"] for r in runs)
+            # A repeated prompt is served from the cache: count only the tokens processed.
+            pp = statistics.median((r["prompt_tokens"] - r.get("prompt_cached", 0)) /
+                                   r["prompt_s"] for r in runs)
+            tg = statistics.median(r["tokens_per_s"] for r in runs)
             results.append({"ref": ref, "prompt_tokens": runs[0]["prompt_tokens"],
                             "tokens": runs[0]["tokens"], "pp_tps": pp, "tg_tps": tg})
         self.store([{"ref": r["ref"], "metric": m, "value": r[m], "digest": digest,
