@@ -27,15 +27,18 @@ def _sizes(ctx: click.Context, refs: list[str]) -> dict[str, dict[str, Any]]:
               help="Evaluation text (default: qmgr's built-in public-domain text).")
 @click.option("--ctx", "ctx_len", type=int, default=512, show_default=True,
               help="Chunk size (the second half of each chunk is scored).")
+@click.option("--max-tokens", type=int, help="Use only the text's first N tokens.")
 @click.option("--detach", is_flag=True, help="Start the job and return.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def eval_(ctx: click.Context, ref: str, variants: str | None, text: str | None, ctx_len: int,
-          detach: bool, quiet: bool, as_json: bool) -> None:
+          max_tokens: int | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Perplexity, ΔPPL, KL divergence and top-token agreement of REF's variants against its
     highest-precision variant, on the same tokens; stored for `qmgr show` and `qmgr fit`."""
     body: dict[str, Any] = {"ref": ref, "ctx": ctx_len}
+    if max_tokens:
+        body["max_tokens"] = max_tokens
     if variants:
         body["variants"] = _variants(variants)
     if text:

@@ -105,7 +105,7 @@ def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_:
     if dry_run and not fit_:
         raise click.UsageError("--dry-run goes with --fit")
     if fit_:
-        query = {"ref": ref, **params, **({"insecure": 1} if insecure else {})}
+        query = {"ref": ref, "remote": 1, **params, **({"insecure": 1} if insecure else {})}
         decision = c.get("/v1/fit", **query)
         if as_json and dry_run:
             emit_json(decision)

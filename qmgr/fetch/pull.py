@@ -170,7 +170,8 @@ class Puller:
             from qmgr.fit.service import FitRequest
 
             handle.update(phase="fitting")
-            decision, fit, remote = self.fitter.fit(FitRequest.from_args(args))
+            decision, fit, remote = self.fitter.fit(FitRequest.from_args({**args,
+                                                                          "remote": True}))
             if fit.pick is None:
                 raise QmgrError(decision["reason"], code="does_not_fit", http_status=507)
             handle.update(decision=decision)

@@ -37,6 +37,9 @@ class FitRequest:
     headroom: float = 0.10
     insecure: bool = False
     hw: str | None = None  # a QMGR_HW declaration sent by the client (wins over the daemon's)
+    # For a name that is both cataloged and an alias: the source's variants (what to pull)
+    # rather than the cataloged ones (what you have).
+    remote: bool = False
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> FitRequest:
@@ -58,6 +61,7 @@ class FitRequest:
         req.insecure = bool(args.get("insecure"))
         if args.get("hw"):
             req.hw = str(args["hw"])
+        req.remote = args.get("remote") in (True, "1", "true")
         return req
 
 
@@ -143,7 +147,9 @@ class Fitter:
         remote: dict[str, RemoteVariant] = {}
         with self.puller.catalog.reading() as session:
             is_alias = typed.kind == "alias" and aliases.lookup(session, typed.name) is not None
-        if typed.kind == "alias" and not is_alias:
+            cataloged = typed.kind == "alias" and session.scalar(
+                select(Model.id).where(Model.name == typed.name)) is not None
+        if typed.kind == "alias" and (not is_alias or (cataloged and not req.remote)):
             candidates = self.local_candidates(typed.name)
             if not candidates:
                 raise QmgrError(f"{req.ref!r} is neither a known model name nor cataloged",
