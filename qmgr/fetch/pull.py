@@ -47,7 +47,7 @@ class Puller:
     def options(self, insecure: bool) -> Options:
         e = self.env
         return Options(
-            parts=int(e.get("QMGR_DOWNLOAD_PARTS", 4)),
+            parts=int(e["QMGR_DOWNLOAD_PARTS"]) if e.get("QMGR_DOWNLOAD_PARTS") else None,
             part_threshold=int(e.get("QMGR_PART_THRESHOLD", 256 << 20)),
             retries=int(e.get("QMGR_RETRIES", 5)),
             backoff=float(e.get("QMGR_RETRY_BACKOFF", 1.0)),
