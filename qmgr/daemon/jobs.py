@@ -81,6 +81,50 @@ def job_row_dict(job: Job) -> dict[str, Any]:
 JobFunction = Callable[[JobHandle], dict[str, Any]]
 
 
+def run_worker(handle: JobHandle, module: str, request: dict[str, Any], label: str,
+               env: dict[str, str] | None = None, failure_code: str = "job_failed"
+               ) -> dict[str, Any]:
+    """Run ``python -m MODULE`` (a worker speaking JSON lines: progress, then one result or
+    error) for a job: relay its progress to the job, kill it when the job is cancelled."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env, start_new_session=True, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(request))
+    proc.stdin.close()
+
+    def kill_on_cancel() -> None:
+        handle.cancel.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_on_cancel, daemon=True).start()
+    answer: dict[str, Any] = {}
+    for line in proc.stdout:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue  # a native library writing to stdout
+        if "progress" in msg:
+            handle.update(phase=label, fraction=msg["progress"], message=msg.get("message", ""))
+        else:
+            answer = msg
+    proc.wait()
+    if handle.cancel.is_set():
+        raise QmgrError(f"{label} cancelled", code="cancelled")
+    if "result" in answer:
+        return answer["result"]
+    err = answer.get("error") or {"code": failure_code,
+                                  "message": f"the worker died (exit {proc.returncode}); see "
+                                             "the daemon log"}
+    raise QmgrError(err["message"], code=err.get("code", failure_code))
+
+
 class JobRunner:
     def __init__(self, catalog: Catalog, workers: int = 2):
         self.catalog = catalog

@@ -9,12 +9,8 @@ file is deleted here, or by start-up recovery if the daemon itself was killed.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +22,7 @@ from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Imatrix, Model, Origin, Variant, VariantState
 from qmgr.daemon.importer import ShardFile, combined_facts, record_variant
-from qmgr.daemon.jobs import JobHandle
+from qmgr.daemon.jobs import JobHandle, run_worker
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.quantize.contract import QuantizeOptions
 from qmgr.store import Store, fsync_dir, hash_file
@@ -91,42 +87,8 @@ class Quantizing:
         return path, hash_file(path)[0]
 
     def run_worker(self, handle: JobHandle, request: dict[str, Any], label: str) -> dict[str, Any]:
-        """Run one worker; relay its progress; kill it on cancel."""
-        env = dict(self.env)
-        proc = subprocess.Popen([sys.executable, "-m", "qmgr.quantize.worker"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
-                                env=env, start_new_session=True, text=True)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(request))
-        proc.stdin.close()
-
-        def kill_on_cancel() -> None:
-            handle.cancel.wait()
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-        import threading
-
-        threading.Thread(target=kill_on_cancel, daemon=True).start()
-        answer: dict[str, Any] = {}
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue  # a native library writing to stdout
-            if "progress" in msg:
-                handle.update(phase=label, fraction=msg["progress"], message=msg["message"])
-            else:
-                answer = msg
-        proc.wait()
-        if handle.cancel.is_set():
-            raise QmgrError(f"{label} cancelled", code="cancelled")
-        if "result" in answer:
-            return answer["result"]
-        err = answer.get("error") or {"code": "quantize_failed",
-                                      "message": f"the worker died (exit {proc.returncode}); "
-                                                 "see the daemon log"}
-        raise QmgrError(err["message"], code=err.get("code", "quantize_failed"))
+        return run_worker(handle, "qmgr.quantize.worker", request, label, self.env,
+                          "quantize_failed")
 
     def publish(self, partial: Path) -> tuple[str, int, Path, gguf.ModelFacts]:
         with partial.open("rb+") as f:

@@ -10,12 +10,9 @@ digest, the token count, the backend and the hardware, and the fit policy ranks 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from sqlalchemy import select
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Eval, Model, Variant, VariantState
-from qmgr.daemon.jobs import JobHandle
+from qmgr.daemon.jobs import JobHandle, run_worker
 from qmgr.errors import QmgrError
 from qmgr.eval import read_text
 
@@ -154,39 +151,8 @@ class Measuring:
                 "builtin_text": text_path == BUILTIN_TEXT}
 
     def _worker(self, handle: JobHandle, request: dict[str, Any]) -> dict[str, Any]:
-        proc = subprocess.Popen([sys.executable, "-m", "qmgr.eval.worker"], env=self.env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps(request))
-        proc.stdin.close()
-        answer: dict[str, Any] = {}
-        import threading
-
-        def kill_on_cancel() -> None:
-            handle.cancel.wait()
-            if proc.poll() is None:
-                proc.kill()
-
-        threading.Thread(target=kill_on_cancel, daemon=True).start()
-        for line in proc.stdout:
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if "progress" in msg:
-                handle.update(phase="evaluating", fraction=msg["progress"],
-                              message=msg.get("message", ""))
-            else:
-                answer = msg
-        proc.wait()
-        if handle.cancel.is_set():
-            raise QmgrError("eval cancelled", code="cancelled")
-        if "result" in answer:
-            return answer["result"]
-        err = answer.get("error") or {"message": f"the eval worker died (exit "
-                                                 f"{proc.returncode}); see the daemon log"}
-        raise QmgrError(err["message"], code=err.get("code", "eval_failed"))
+        return run_worker(handle, "qmgr.eval.worker", request, "evaluating", self.env,
+                          "eval_failed")
 
 
 def measured(catalog: Catalog, model: str) -> dict[str, dict[str, float]]:
