@@ -90,7 +90,7 @@ class Mirror(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def repo_dir(self, owner: str, repo: str) -> Path | None:
         if not (NAME_RE.match(owner) and NAME_RE.match(repo)):

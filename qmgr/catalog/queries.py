@@ -82,7 +82,7 @@ def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
     out["facts"] = v.facts
     out["recipe"] = v.recipe
     out["source_ref"] = v.source_ref
-    lineage = []
+    lineage: list[str] = []
     parent = v.parent
     while parent is not None and len(lineage) < 32:
         lineage.append(f"{parent.model.name}:{parent.tag}")

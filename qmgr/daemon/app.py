@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -69,6 +69,7 @@ def _check(value: Any, schema: dict[str, Any], where: str) -> None:
     if not isinstance(value, types) or (kind in ("integer", "number")
                                         and isinstance(value, bool)):
         raise QmgrError(f"{where} must be of type {kind}", code="bad_request")
+    value = cast(Any, value)  # isinstance against a tuple of types narrows to object
     if kind == "string" and "pattern" in schema and not re.fullmatch(schema["pattern"], value):
         what = schema.get("description") or f"a match of {schema['pattern']}"
         raise QmgrError(f"{where} must be {what}", code="bad_request")
@@ -280,7 +281,7 @@ def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
 def fit(d: Daemon, request: Request) -> dict[str, Any]:
     from qmgr.fit.service import FitRequest
 
-    q = dict(request.query_params)
+    q: dict[str, Any] = dict(request.query_params)
     if not q.get("ref"):
         raise QmgrError("give the reference as ?ref=REF", code="bad_request")
     q["insecure"] = q.get("insecure") in ("1", "true")

@@ -156,11 +156,11 @@ class Puller:
         model_name = typed.name if typed.kind == "alias" else None
         handle.update(phase="resolving", ref=ref.canonical)
         if ref.quant and ref.kind == "hf" and not ref.file and not args.get("fit"):
-            shards = self.cached(ref.canonical)
-            if shards is not None:
+            cached = self.cached(ref.canonical)
+            if cached is not None:
                 name = model_name or _model_of(self, ref.canonical)
                 variant, _ = record_variant(
-                    self.catalog, name, shards, combined_facts(shards), origin=Origin.PULLED,
+                    self.catalog, name, cached, combined_facts(cached), origin=Origin.PULLED,
                     source_ref=ref.canonical, in_store=True)
                 handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
                 return {"variant": variant, "downloaded": 0}
