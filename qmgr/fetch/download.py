@@ -1,23 +1,32 @@
 """Resumable, verified downloads into the store.
 
 A file arrives in ``store/partial/<key>.partial`` (key: the expected sha256, else a hash of
-the URL, so a restarted daemon finds the same partial file again). Large files come in
-parallel ranged parts; each part's progress is recorded in ``<key>.state`` after every chunk
+the URL, so a restarted daemon finds the same partial file again). Large files over https come
+in parallel ranged parts; each part's progress is recorded in ``<key>.state`` after every chunk
 written, so a daemon killed at any moment resumes where it was, reusing the bytes on disk.
-A hashing thread follows the contiguous prefix of the file as it fills, so the sha256 is ready
-when the last byte lands. Then: fsync, size and digest checked, published into the store.
-Nothing unverified is ever published; a file whose digest does not match is deleted.
+
+The bytes flow through a few reusable 4 MiB buffers: a receiving thread per part reads the
+socket into one (:mod:`qmgr.fetch.wire`), the hashing thread hashes it (in file order) and a
+writing thread writes it with O_DIRECT (no copy into the page cache, no writeback left for the
+final fsync). The hash never waits for the disk nor reads anything back, and it is ready when
+the last byte lands.
+Then: fsync, size and digest checked, published into the store. Nothing unverified is ever
+published; a file whose digest does not match is deleted.
 
 Failures a retry may fix (dropped connection, stall, short body, server error) are retried
-with exponential backoff, each retry continuing from the last byte written.
+with exponential backoff, each retry continuing from the last byte received.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import mmap
 import os
+import queue
 import re
+import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -27,17 +36,20 @@ from pathlib import Path
 import httpx
 
 from qmgr.errors import QmgrError
-from qmgr.fetch.http import FetchError, redact, request
+from qmgr.fetch import wire
+from qmgr.fetch.http import FetchError, redact, request, ssl_context
 from qmgr.fetch.remote import RemoteFile
 from qmgr.store import Store, check_digest, fsync_dir
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
-# Dirty pages are flushed every this many bytes while the download runs, so the fsync before
-# publication has little left to do (the disk works while the network does).
+CHUNK = 4 << 20
+# O_DIRECT needs offsets, lengths and buffer addresses aligned to the device's block size.
+ALIGN = 4096
+BUFFERS = 8  # per download, plus two per extra part
+# In buffered mode (a filesystem without O_DIRECT) dirty pages are flushed every this many
+# bytes while the download runs, so the fsync before publication has little left to do.
 FLUSH_EVERY = 128 << 20
-HANDOFF_LIMIT = 64 << 20  # bytes of written chunks kept for the hashing thread
 # Free space kept beyond what a download needs, so the catalog and logs can still be written.
 SPACE_MARGIN = 64 << 20
 _STATE = struct.Struct("<8sQI")
@@ -61,17 +73,45 @@ class Options:
     retries: int = 5
     backoff: float = 1.0  # seconds before the first retry; doubles each time
     insecure: bool = False
+    stall_timeout: float = 30.0  # seconds without a byte before the attempt is retried
+    ca_bundle: str | None = None  # certificate authorities to trust instead of certifi's
+    direct_io: bool = True  # O_DIRECT writes where the filesystem allows them
 
 
 @dataclass
 class Part:
     start: int
     end: int  # exclusive
-    done: int = 0
+    done: int = 0  # bytes written (and recorded in the state file)
+    got: int = 0  # bytes received: written, or queued for the writing thread
 
     @property
     def finished(self) -> bool:
         return self.start + self.done >= self.end
+
+    @property
+    def received(self) -> bool:
+        return self.start + self.got >= self.end
+
+
+@dataclass
+class Piece:
+    """Received bytes in a buffer: ``buf[lo:hi]`` belongs at file offset ``base + lo``
+    (``base`` is aligned, so the aligned middle of the piece can be written with O_DIRECT)."""
+
+    buf: mmap.mmap
+    base: int
+    lo: int
+    hi: int
+    part: Part
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.lo
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
 
 
 class Download:
@@ -96,13 +136,19 @@ class Download:
         self.state_path = store.partial / f"{key}.state"
         self.parts: list[Part] = []
         self.unflushed = 0
-        # Chunks just written, handed to the hashing thread by offset so that it need not read
-        # them back from the file (sha256 is the pace-maker: every copy saved counts).
-        self.fresh: dict[int, bytes] = {}
-        self.fresh_bytes = 0
+        self.pool: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self.to_write: queue.SimpleQueue[Piece | None] = queue.SimpleQueue()
+        # Received pieces waiting for the hashing thread, by offset: only those that continue
+        # the run of bytes it will hash next (a piece of a later part goes straight to the
+        # writing thread and is read back when the hash gets there).
+        self.parked: dict[int, Piece] = {}
+        self.hash_tail = 0
         self.flush_wanted = threading.Event()
         self.lock = threading.Condition()
         self.error: BaseException | None = None
+        self.dfd: int | None = None
+        self.direct_bytes = 0  # written with O_DIRECT (the rest went through the page cache)
+        self._context: ssl.SSLContext | None = None
 
     # -- state on disk ---------------------------------------------------------------------
 
@@ -163,6 +209,7 @@ class Download:
             wanted = self.opts.parts or (4 if self.remote.url.startswith("https://") else 1)
             n = wanted if size >= self.opts.part_threshold else 1
             step = -(-size // max(1, n)) if size else 0
+            step = -(-step // ALIGN) * ALIGN  # parts start aligned, for O_DIRECT
             bounds = list(range(0, size, step)) if size else [0]
             parts = [Part(s, min(s + step, size)) for s in bounds] if size else [Part(0, 0)]
             with open(self.partial, "wb") as f:
@@ -170,8 +217,11 @@ class Download:
         else:
             log.info("resuming %s: %d of %d bytes already on disk", self.remote.name,
                      sum(p.done for p in parts), size)
+        for p in parts:
+            p.got = p.done
         self.parts = parts
         self.fd = os.open(self.partial, os.O_RDWR)
+        self.dfd = self._open_direct() if self.opts.direct_io else None
         self.state_fd = os.open(self.state_path, os.O_RDWR | os.O_CREAT, 0o640)
         try:
             self._save_state()
@@ -183,6 +233,8 @@ class Download:
             raise
         finally:
             os.close(self.fd)
+            if self.dfd is not None:
+                os.close(self.dfd)
             os.close(self.state_fd)
         if self.remote.sha256 and sha != self.remote.sha256:
             self.discard()
@@ -199,19 +251,38 @@ class Download:
         self.partial.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
 
+    def _open_direct(self) -> int | None:
+        """A second descriptor with O_DIRECT, or None where the filesystem refuses it."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        try:
+            return os.open(self.partial, os.O_RDWR | flag)
+        except OSError:  # tmpfs on older kernels, some FUSE and network filesystems
+            return None
+
     def _transfer(self) -> str:
+        active = [p for p in self.parts if not p.finished]
+        for _ in range(BUFFERS + 2 * max(0, len(active) - 1)):
+            self.pool.put(mmap.mmap(-1, CHUNK))
+        self.hash_tail = self._frontier()
         threads = [threading.Thread(target=self._part_worker, args=(p,), daemon=True,
                                     name=f"qmgr-dl-{i}")
                    for i, p in enumerate(self.parts) if not p.finished]
         for t in threads:
             t.start()
+        writer = threading.Thread(target=self._writer, daemon=True, name="qmgr-dl-write")
+        writer.start()
         flusher = threading.Thread(target=self._flusher, args=(threads,), daemon=True)
         flusher.start()
         sha = self._hash_following()
         for t in threads:
             t.join()
+        self.to_write.put(None)
+        writer.join()
         self.flush_wanted.set()
         flusher.join()
+        self.parked.clear()
         if self.error is not None:
             raise self.error
         assert sha is not None
@@ -236,27 +307,28 @@ class Download:
         hashed = 0
         while hashed < self.size:
             with self.lock:
-                while self._frontier() <= hashed and self.error is None:
+                while (hashed not in self.parked and self._frontier() <= hashed
+                       and self.error is None):
                     self.lock.wait(1.0)
                     if self.cancel.is_set() and self.error is None:
                         self.error = Cancelled(f"download of {self.remote.name} cancelled")
                 if self.error is not None:
                     return None
+                piece = self.parked.pop(hashed, None)
+                # Bytes not handed over (on disk before this run, or of a later part) are read
+                # back once written, up to the next handed-over piece.
                 frontier = self._frontier()
-            while hashed < frontier:
-                with self.lock:
-                    chunk = self.fresh.pop(hashed, None)
-                    if chunk is not None:
-                        self.fresh_bytes -= len(chunk)
-                if chunk is None:  # not handed over (resumed bytes, or the buffer was full)
-                    chunk = os.pread(self.fd, min(CHUNK * 4, frontier - hashed), hashed)
-                if not chunk:
-                    raise QmgrError(f"{self.partial} shrank while downloading")
-                h.update(chunk)
-                hashed += len(chunk)
-                with self.lock:
-                    for stale in [k for k in self.fresh if k < hashed]:
-                        self.fresh_bytes -= len(self.fresh.pop(stale))
+                upto = min(frontier, min(self.parked, default=frontier), hashed + CHUNK)
+            if piece is not None:
+                h.update(memoryview(piece.buf)[piece.lo:piece.hi])
+                hashed += piece.size
+                self.to_write.put(piece)
+                continue
+            chunk = os.pread(self.fd, upto - hashed, hashed)
+            if not chunk:
+                raise QmgrError(f"{self.partial} shrank while downloading")
+            h.update(chunk)
+            hashed += len(chunk)
         return h.hexdigest()
 
     def _fail(self, error: BaseException) -> None:
@@ -265,20 +337,71 @@ class Download:
                 self.error = error
             self.lock.notify_all()
 
+    # -- writing --------------------------------------------------------------------------------
+
+    def _writer(self) -> None:
+        while (piece := self.to_write.get()) is not None:
+            if self.error is not None:
+                self.pool.put(piece.buf)
+                continue
+            try:
+                self._write(piece)
+            except OSError as e:
+                self.pool.put(piece.buf)
+                self._fail(QmgrError(f"cannot write {self.partial}: {e.strerror or e}",
+                                     code="io_error", http_status=507))
+                continue
+            self.pool.put(piece.buf)
+            with self.lock:
+                piece.part.done += piece.size
+                self._save_state()
+                self.lock.notify_all()
+                self.unflushed += piece.size
+                if self.dfd is None and self.unflushed >= FLUSH_EVERY:
+                    self.unflushed = 0
+                    self.flush_wanted.set()
+            self.progress(piece.size)
+
+    def _write(self, piece: Piece) -> None:
+        """The aligned middle with O_DIRECT, the unaligned ends (if any) through the cache."""
+        view = memoryview(piece.buf)
+        lo, hi = piece.lo, piece.hi
+        if self.dfd is not None:
+            a, b = -(-lo // ALIGN) * ALIGN, hi // ALIGN * ALIGN
+            if a < b:
+                try:
+                    _pwrite_all(self.dfd, view[a:b], piece.base + a)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:  # this device wants another alignment
+                        raise
+                    log.info("O_DIRECT refused for %s: writing through the page cache",
+                             self.partial)
+                    os.close(self.dfd)
+                    self.dfd = None
+                    _pwrite_all(self.fd, view[lo:hi], piece.offset)
+                    return
+                self.direct_bytes += b - a
+                _pwrite_all(self.fd, view[lo:a], piece.base + lo)
+                _pwrite_all(self.fd, view[b:hi], piece.base + b)
+                return
+        _pwrite_all(self.fd, view[lo:hi], piece.offset)
+
+    # -- receiving ------------------------------------------------------------------------------
+
     def _part_worker(self, part: Part) -> None:
         attempt = 0
-        while not part.finished:
+        while not part.received:
             if self.cancel.is_set() or self.error is not None:
                 self._fail(Cancelled(f"download of {self.remote.name} cancelled"))
                 return
-            before = part.done
+            before = part.got
             try:
                 self._fetch_range(part)
                 attempt = 0
             except FetchError as e:
                 # Retries are counted between attempts that make no progress: a connection
                 # that keeps dropping but delivers bytes each time gets there in the end.
-                attempt = 1 if part.done > before else attempt + 1
+                attempt = 1 if part.got > before else attempt + 1
                 if attempt > self.opts.retries:
                     self._fail(FetchError(f"{self.remote.name}: giving up after "
                                           f"{self.opts.retries} retries: {e.message}"))
@@ -292,78 +415,83 @@ class Download:
                 self._fail(e)
                 return
 
+    def _hand_over(self, piece: Piece) -> None:
+        """To the hashing thread if it continues what that will hash next, else to the disk."""
+        with self.lock:
+            if piece.offset == self.hash_tail:
+                self.parked[piece.offset] = piece
+                self.hash_tail += piece.size
+                self.lock.notify_all()
+                return
+        self.to_write.put(piece)
+
+    def _buffer(self) -> mmap.mmap:
+        while True:
+            if self.cancel.is_set() or self.error is not None:
+                raise Cancelled(f"download of {self.remote.name} cancelled")
+            try:
+                return self.pool.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
     def _fetch_range(self, part: Part) -> None:
-        offset = part.start + part.done
+        offset = part.start + part.got
         headers = dict(self.remote.headers)
         headers["Range"] = f"bytes={offset}-{part.end - 1}"
         headers["Accept-Encoding"] = "identity"
-        with request(self.client, "GET", self.remote.url, headers,
-                     insecure=self.insecure) as r:
-            if r.status_code >= 400:
-                error = FetchError if r.status_code >= 500 or r.status_code == 429 else QmgrError
-                raise error(f"{redact(self.remote.url)}: HTTP {r.status_code}")
+        if self._context is None and self.remote.url.startswith("https://"):
+            self._context = ssl_context(self.opts.ca_bundle)
+        with wire.get(self.client, self.remote.url, headers, insecure=self.insecure,
+                      stall=self.opts.stall_timeout, context=self._context) as r:
+            if r.status >= 400:
+                kind = FetchError if r.status >= 500 or r.status == 429 else QmgrError
+                raise kind(f"{redact(self.remote.url)}: HTTP {r.status}")
             skip = 0
-            if r.status_code == 206:
-                m = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", ""))
+            if r.status == 206:
+                m = _CONTENT_RANGE.fullmatch(r.header("content-range") or "")
                 if not m or int(m.group(1)) != offset:
                     raise FetchError(f"{redact(self.remote.url)}: answered a different range "
-                                     f"({r.headers.get('content-range')!r}) than asked")
+                                     f"({r.header('content-range')!r}) than asked")
                 if m.group(3) != "*" and int(m.group(3)) != self.size:
                     raise QmgrError(f"{self.remote.name}: the server says the file has "
                                     f"{m.group(3)} bytes, the registry said {self.size}",
                                     code="size_mismatch", http_status=502)
-            elif r.status_code == 200:
+            elif r.status == 200:
                 # The server ignored Range: it sends the whole file; skip to our offset.
-                length = r.headers.get("content-length")
+                length = r.header("content-length")
                 if length is not None and length.isdigit() and int(length) != self.size:
                     raise QmgrError(f"{self.remote.name}: the server says the file has "
                                     f"{length} bytes, the registry said {self.size}",
                                     code="size_mismatch", http_status=502)
                 skip = offset
             else:
-                raise FetchError(f"{redact(self.remote.url)}: unexpected HTTP {r.status_code}")
-            try:
-                # Chunks as they arrive (no re-chunking): every byte received is on disk and
-                # counted before a dropped connection can lose it.
-                for chunk in r.iter_raw():
-                    if skip:
-                        drop = min(skip, len(chunk))
-                        chunk = chunk[drop:]
-                        skip -= drop
-                        if not chunk:
-                            continue
-                    room = part.end - (part.start + part.done)
-                    if len(chunk) > room:
-                        if r.status_code == 200 and room > 0:
-                            chunk = chunk[:room]  # the rest belongs to the next part
-                        elif r.status_code == 200 and room == 0:
-                            break
-                        else:
-                            raise FetchError(f"{redact(self.remote.url)}: sent more bytes "
-                                             "than the range asked for")
-                    offset = part.start + part.done
-                    os.pwrite(self.fd, chunk, offset)
-                    with self.lock:
-                        if self.fresh_bytes < HANDOFF_LIMIT:
-                            self.fresh[offset] = chunk
-                            self.fresh_bytes += len(chunk)
-                        part.done += len(chunk)
-                        self._save_state()
-                        self.lock.notify_all()
-                        self.unflushed += len(chunk)
-                        if self.unflushed >= FLUSH_EVERY:
-                            self.unflushed = 0
-                            self.flush_wanted.set()
-                    self.progress(len(chunk))
-                    if self.cancel.is_set() or self.error is not None:
-                        raise Cancelled(f"download of {self.remote.name} cancelled")
-                    if part.finished:
-                        break
-            except httpx.TimeoutException as e:
-                raise FetchError(f"{redact(self.remote.url)}: stalled (no data for "
-                                 f"{self.client.timeout.read} s)") from e
-            except httpx.HTTPError as e:
-                raise FetchError(f"{redact(self.remote.url)}: {type(e).__name__}: {e}") from e
-            if not part.finished:
+                raise FetchError(f"{redact(self.remote.url)}: unexpected HTTP {r.status}")
+            # Never more than the part asks for: what a server sends beyond it is not read.
+            while not part.received:
+                buf = self._buffer()
+                if skip:
+                    n, error = r.fill(memoryview(buf)[:min(CHUNK, skip)])
+                    self.pool.put(buf)
+                    skip -= n
+                else:
+                    offset = part.start + part.got
+                    lo = offset % ALIGN
+                    n, error = r.fill(memoryview(buf)[lo:lo + min(CHUNK - lo, part.end - offset)])
+                    if n:
+                        part.got += n
+                        self._hand_over(Piece(buf, offset - lo, lo, lo + n, part))
+                    else:
+                        self.pool.put(buf)
+                if error is not None:
+                    raise error
+                if not n:
+                    break
+            if not part.received:
                 raise FetchError(f"{redact(self.remote.url)}: connection ended after "
-                                 f"{part.done} of {part.end - part.start} bytes")
+                                 f"{part.got} of {part.end - part.start} bytes")
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n

@@ -7,6 +7,8 @@ dropped as soon as a redirect leaves the host they were meant for.
 
 from __future__ import annotations
 
+import functools
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -43,13 +45,20 @@ def make_client(stall_timeout: float = 30.0, ca_bundle: str | None = None) -> ht
     (a registry on a private network with its own CA; ``QMGR_CA_BUNDLE``)."""
     # read= is the stall timeout: no byte for that long and the attempt is retried.
     timeout = httpx.Timeout(connect=15.0, read=stall_timeout, write=30.0, pool=30.0)
-    verify: Any = True
-    if ca_bundle:
-        import ssl
-
-        verify = ssl.create_default_context(cafile=ca_bundle)
-    return httpx.Client(timeout=timeout, follow_redirects=False, verify=verify,
+    return httpx.Client(timeout=timeout, follow_redirects=False, verify=ssl_context(ca_bundle),
                         headers={"User-Agent": USER_AGENT})
+
+
+@functools.lru_cache(maxsize=4)
+def ssl_context(ca_bundle: str | None = None) -> ssl.SSLContext:
+    """Certificate checks as httpx does them: certifi's authorities, or ``ca_bundle``'s.
+    Made once per daemon (loading the authorities takes ~50 ms) and shared: a context is safe
+    to use from many threads."""
+    if ca_bundle is None:
+        import certifi
+
+        ca_bundle = certifi.where()
+    return ssl.create_default_context(cafile=ca_bundle)
 
 
 def check_scheme(url: str, insecure: bool) -> None:
@@ -66,6 +75,23 @@ def redact(url: str) -> str:
     """A URL fit for logs and error messages: no query string (signed CDN URLs carry tokens)."""
     u = urlsplit(url)
     return f"{u.scheme}://{u.netloc.rsplit('@', 1)[-1]}{u.path}"
+
+
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+def redirect_target(url: str, location: str, origin: str, headers: dict[str, str],
+                    insecure: bool) -> str:
+    """Where a redirect from ``url`` leads, if it may be followed; drops the credentials from
+    ``headers`` when it leaves ``origin`` (the host they were meant for)."""
+    target = urljoin(url, location)
+    if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
+        raise QmgrError(f"refusing a redirect from https to {redact(target)}",
+                        code="insecure_redirect")
+    check_scheme(target, insecure)
+    if urlsplit(target).netloc != origin:
+        headers.pop("Authorization", None)  # the token is for the registry only
+    return target
 
 
 @contextmanager
@@ -86,16 +112,9 @@ def request(client: httpx.Client, method: str, url: str, headers: dict[str, str]
                 raise FetchError(f"{redact(url)}: the server does not speak https; pass "
                                  "--insecure for a registry on your own network") from e
             raise FetchError(f"{redact(url)}: {type(e).__name__}: {e}") from e
-        if response.status_code in (301, 302, 303, 307, 308) and "location" in response.headers:
+        if response.status_code in REDIRECTS and "location" in response.headers:
             response.close()
-            target = urljoin(url, response.headers["location"])
-            if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
-                raise QmgrError(f"refusing a redirect from https to {redact(target)}",
-                                code="insecure_redirect")
-            check_scheme(target, insecure)
-            if urlsplit(target).netloc != origin:
-                headers.pop("Authorization", None)  # the token is for the registry only
-            url = target
+            url = redirect_target(url, response.headers["location"], origin, headers, insecure)
             continue
         try:
             yield response

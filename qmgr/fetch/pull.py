@@ -52,6 +52,9 @@ class Puller:
             retries=int(e.get("QMGR_RETRIES", 5)),
             backoff=float(e.get("QMGR_RETRY_BACKOFF", 1.0)),
             insecure=insecure,
+            stall_timeout=self.stall_timeout(),
+            ca_bundle=e.get("QMGR_CA_BUNDLE") or None,
+            direct_io=e.get("QMGR_DIRECT_IO", "1") != "0",
         )
 
     def stall_timeout(self) -> float:
