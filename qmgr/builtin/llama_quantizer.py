@@ -30,12 +30,14 @@ import ctypes
 import importlib.metadata
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 from qmgr import hookimpl
+from qmgr.builtin.llama_digest import OutputDigest
 from qmgr.errors import GGUFError
 from qmgr.gguf.reader import GGUFHeader, read_header
 from qmgr.gguf.types import GGML_TYPES_BY_NAME, LLAMA_FILE_TYPES
@@ -97,6 +99,9 @@ class LlamaLog:
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
         self.errors: list[BaseException] = []
         self._partial = ""
+        # Pieces logged by these threads go to their own handler instead (a dry run that
+        # runs next to the real quantization, see llama_digest).
+        self.routes: dict[int, Callable[[str], None]] = {}
 
     def __enter__(self) -> LlamaLog:
         import llama_cpp
@@ -120,6 +125,10 @@ class LlamaLog:
         # Must not raise into C: ctypes would only print the traceback.
         try:
             piece = (text or b"").decode("utf-8", "replace")
+            route = self.routes.get(threading.get_ident())
+            if route is not None:
+                route(piece)
+                return
             if self.on_text is not None:
                 self.on_text(piece)
             *done, self._partial = (self._partial + piece).split("\n")
@@ -166,8 +175,10 @@ class LlamaCppQuantizer:
         if unsupported:
             raise QuantizeError(f"the llama.cpp quantizer has no option "
                                 f"{', '.join(sorted(unsupported))}", code="unsupported_option")
-        header = _read_source(job.src)
-        quantized = source_quant_type(header)
+        if job.src_facts and "tensor_types" in job.src_facts:  # the catalog read the header
+            quantized = quant_type_from_facts(job.src_facts)
+        else:
+            quantized = source_quant_type(_read_source(job.src))
         if quantized and not opts.allow_requantize:
             raise QuantizeError(
                 f"{job.src.name} is already quantized ({quantized}). Quantizing it again to "
@@ -217,18 +228,20 @@ class LlamaCppQuantizer:
             keep.append(overrides)
             params.tt_overrides = overrides
         imatrix_entries = 0
+        kv_items: list[tuple[str, str | int]] = []
         if opts.imatrix is not None:
             from qmgr.builtin.imatrix import read_imatrix
 
             imatrix = read_imatrix(opts.imatrix)
             imatrix_entries = len(imatrix.means)
             params.imatrix = _imatrix_array(llama_cpp, imatrix.means, keep)
-            params.kv_overrides = _kv_overrides(llama_cpp, [
+            kv_items = _override_items([
                 ("quantize.imatrix.file", opts.imatrix.name),
                 ("quantize.imatrix.dataset", imatrix.datasets[0] if imatrix.datasets else None),
                 ("quantize.imatrix.entries_count", imatrix_entries),
                 ("quantize.imatrix.chunks_count", imatrix.chunk_count or None),
-            ], keep)
+            ])
+            params.kv_overrides = _kv_overrides(llama_cpp, kv_items, keep)
 
         seen: set[str] = set()
 
@@ -242,9 +255,18 @@ class LlamaCppQuantizer:
         started = time.monotonic()
         llama_cpp.llama_backend_init()
         log = LlamaLog(on_text)
+        digest = OutputDigest(llama_cpp, job.src, job.dst, params, kv_items) \
+            if os.environ.get("QMGR_HASH_WHILE_WRITING", "1") != "0" else None
         with log:
-            rc = llama_cpp.llama_model_quantize(os.fsencode(job.src), os.fsencode(job.dst),
-                                                ctypes.byref(params))
+            if digest is not None:
+                digest.start(log)
+            try:
+                rc = llama_cpp.llama_model_quantize(os.fsencode(job.src), os.fsencode(job.dst),
+                                                    ctypes.byref(params))
+            finally:
+                if digest is not None:
+                    digest.wait_predicted()  # its log comes through this LlamaLog
+        hashed = digest.finish() if digest is not None else None
         if rc != 0:
             job.dst.unlink(missing_ok=True)  # llama.cpp may have begun writing it
             tail = log.tail()
@@ -268,7 +290,21 @@ class LlamaCppQuantizer:
             "imatrix_entries": imatrix_entries,
             "llama_cpp_build": llama_cpp.llama_version().decode("utf-8", "replace"),
             "seconds": round(time.monotonic() - started, 2),
+            # Hashed while written (see llama_digest); the worker hands it to the daemon.
+            **({"output_sha256": hashed[0], "output_size": hashed[1],
+                "output_facts": hashed[2]} if hashed else {}),
         }
+
+
+def quant_type_from_facts(facts: dict[str, Any]) -> str | None:
+    """:func:`source_quant_type` from the catalog's facts of the source (``file_type`` and
+    ``tensor_types``, as qmgr read them from its header)."""
+    file_type = facts.get("file_type")
+    if isinstance(file_type, int) and not isinstance(file_type, bool):
+        name = LLAMA_FILE_TYPES.get(file_type, f"file type {file_type}")
+        if name not in UNQUANTIZED:
+            return name
+    return next((t for t in facts["tensor_types"] if t not in UNQUANTIZED), None)
 
 
 def source_quant_type(header: GGUFHeader) -> str | None:
@@ -313,10 +349,16 @@ def _imatrix_array(llama_cpp: Any, means: dict[str, Any], keep: list[Any]) -> An
     return array
 
 
-def _kv_overrides(llama_cpp: Any, items: list[tuple[str, str | int | None]],
+def _override_items(items: list[tuple[str, str | int | None]]) -> list[tuple[str, str | int]]:
+    """Key-value overrides as llama.cpp will store them: None left out, strings cut to fit."""
+    return [(k, v if isinstance(v, int) else
+             v.encode()[:KV_STR_MAX].decode("utf-8", "ignore"))
+            for k, v in items if v is not None]
+
+
+def _kv_overrides(llama_cpp: Any, present: list[tuple[str, str | int]],
                   keep: list[Any]) -> Any:
-    """A ``llama_model_kv_override`` array ended by an empty key; None values are left out."""
-    present = [(k, v) for k, v in items if v is not None]
+    """A ``llama_model_kv_override`` array ended by an empty key."""
     array = (llama_cpp.llama_model_kv_override * (len(present) + 1))()
     for o, (key, value) in zip(array, present, strict=False):
         o.key = key.encode()
@@ -325,7 +367,7 @@ def _kv_overrides(llama_cpp: Any, items: list[tuple[str, str | int | None]],
             o.value.val_i64 = value
         else:
             o.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-            o.value.val_str = value.encode()[:KV_STR_MAX].decode("utf-8", "ignore").encode()
+            o.value.val_str = value.encode()
     keep.append(array)
     return array
 

@@ -523,6 +523,7 @@ def _error_response(code: str, message: str, status: int) -> JSONResponse:
 async def job_events(d: Daemon, request: Request) -> Response:
     """Newline-delimited JSON: the job as it changes, ending with its final state."""
     import asyncio
+    import contextlib
     import json
 
     from starlette.responses import StreamingResponse
@@ -535,18 +536,35 @@ async def job_events(d: Daemon, request: Request) -> Response:
     async def events() -> Any:
         last = -1
         current = first
-        while True:
-            handle = d.jobs.handles.get(job_id)
-            if handle is None:
-                yield json.dumps(current) + "\n"
-                return
-            if handle.version != last:
-                last = handle.version
-                current = handle.to_dict()
-                yield json.dumps(current) + "\n"
-                if current["state"] in TERMINAL:
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+                loop.call_soon_threadsafe(woken.set)
+
+        watched = d.jobs.handles.get(job_id)
+        if watched is not None:
+            watched.wakers.add(wake)
+        try:
+            while True:
+                handle = d.jobs.handles.get(job_id)
+                if handle is None:
+                    yield json.dumps(current) + "\n"
                     return
-            await asyncio.sleep(0.1)
+                if handle.version != last:
+                    last = handle.version
+                    current = handle.to_dict()
+                    yield json.dumps(current) + "\n"
+                    if current["state"] in TERMINAL:
+                        return
+                # Progress at most ten times a second; a change of state or phase at once.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), 0.1)
+                woken.clear()
+        finally:
+            if watched is not None:
+                watched.wakers.discard(wake)
 
     return StreamingResponse(events(), media_type="application/x-ndjson")
 

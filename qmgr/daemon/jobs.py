@@ -13,6 +13,10 @@ stopped by shutdown keeps what it has for the next start.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 PERSIST_EVERY_S = 1.0
+REFILL_DELAY_S = 1.0
 
 
 class JobHandle:
@@ -47,6 +52,14 @@ class JobHandle:
         self.lock = threading.Lock()
         self._persisted = 0.0
         self._rate_at: tuple[float, int] | None = None
+        # Event streams waiting for a change: called (from any thread) when the state or the
+        # phase changes, so a client learns at once that its job ended.
+        self.wakers: set[Callable[[], None]] = set()
+
+    def changed(self) -> None:
+        self.version += 1
+        for wake in list(self.wakers):
+            wake()
 
     def update(self, **progress: Any) -> None:
         """Merge progress fields; ``done`` (bytes) also yields a smoothed ``speed``."""
@@ -60,8 +73,11 @@ class JobHandle:
                     old = self.progress.get("speed")
                     progress["speed"] = rate if old is None else 0.5 * old + 0.5 * rate
                     self._rate_at = (now, progress["done"])
+            new_phase = "phase" in progress and progress["phase"] != self.progress.get("phase")
             self.progress.update(progress)
             self.version += 1
+        if new_phase:
+            self.changed()
 
     def to_dict(self) -> dict[str, Any]:
         with self.lock:
@@ -81,19 +97,87 @@ def job_row_dict(job: Job) -> dict[str, Any]:
 JobFunction = Callable[[JobHandle], dict[str, Any]]
 
 
+class WarmWorkers:
+    """One idle worker process per module and environment, started when the previous one
+    finished, so that the next job does not wait for Python and the native libraries to load
+    (~0.3-0.6 s: llama-cpp-python's import and the quantizer plugins, done by the worker
+    before it reads its request). An idle worker costs ~45 MB and no CPU; it exits when the
+    daemon does (its stdin closes). ``QMGR_WARM_WORKERS=0`` turns this off."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: dict[tuple[str, tuple[tuple[str, str], ...]], subprocess.Popen[str]] = {}
+        self.closed = False
+
+    @staticmethod
+    def _key(module: str, env: dict[str, str] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return module, tuple(sorted((env or {}).items()))
+
+    @staticmethod
+    def spawn(module: str, env: dict[str, str] | None) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, start_new_session=True,
+                                text=True)
+
+    @staticmethod
+    def wanted(env: dict[str, str] | None) -> bool:
+        return (env if env is not None else os.environ).get("QMGR_WARM_WORKERS", "1") != "0"
+
+    def take(self, module: str, env: dict[str, str] | None) -> subprocess.Popen[str]:
+        with self.lock:
+            proc = self.idle.pop(self._key(module, env), None)
+        if proc is not None and proc.poll() is None:
+            return proc
+        return self.spawn(module, env)
+
+    def refill(self, module: str, env: dict[str, str] | None) -> None:
+        if not self.wanted(env):
+            return
+        # A moment later: starting Python and loading the libraries takes a core for a
+        # fraction of a second, which the job that just ended needs to publish its output.
+        timer = threading.Timer(REFILL_DELAY_S, self._refill, (module, env))
+        timer.daemon = True
+        timer.start()
+
+    def _refill(self, module: str, env: dict[str, str] | None) -> None:
+        key = self._key(module, env)
+        with self.lock:
+            if self.closed or (key in self.idle and self.idle[key].poll() is None):
+                return
+            self.idle[key] = self.spawn(module, env)
+
+    def close(self) -> None:
+        with self.lock:
+            procs, self.idle, self.closed = list(self.idle.values()), {}, True
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()  # the worker reads an empty request and exits
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+WARM = WarmWorkers()
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdout is not None
+    for _line in proc.stdout:  # whatever it still writes, so that it never blocks on a pipe
+        pass
+    proc.stdout.close()
+    proc.wait()
+
+
 def run_worker(handle: JobHandle, module: str, request: dict[str, Any], label: str,
                env: dict[str, str] | None = None, failure_code: str = "job_failed"
                ) -> dict[str, Any]:
     """Run ``python -m MODULE`` (a worker speaking JSON lines: progress, then one result or
     error) for a job: relay its progress to the job, kill it when the job is cancelled."""
     import json
-    import os
-    import signal
-    import subprocess
-    import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env, start_new_session=True, text=True)
+    proc = WARM.take(module, env)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(json.dumps(request))
     proc.stdin.close()
@@ -114,11 +198,15 @@ def run_worker(handle: JobHandle, module: str, request: dict[str, Any], label: s
             handle.update(phase=label, fraction=msg["progress"], message=msg.get("message", ""))
         else:
             answer = msg
-    proc.wait()
+            break  # its work is done: no need to wait for the interpreter to wind down
+    threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+    WARM.refill(module, env)  # for the next job, while this one finishes up
     if handle.cancel.is_set():
         raise QmgrError(f"{label} cancelled", code="cancelled")
     if "result" in answer:
         return answer["result"]
+    if not answer:
+        proc.wait()
     err = answer.get("error") or {"code": failure_code,
                                   "message": f"the worker died (exit {proc.returncode}); see "
                                              "the daemon log"}
@@ -183,7 +271,7 @@ class JobRunner:
         if self.stopping:
             return
         handle.state = JobState.RUNNING
-        handle.version += 1
+        handle.changed()
         self._persist(handle, force=True)
 
         def persist_progress() -> None:
@@ -199,7 +287,7 @@ class JobRunner:
         except BaseException as e:
             if handle.cancel_reason == "shutdown":
                 log.info("job %d stopped for shutdown; it resumes at the next start", handle.id)
-                handle.version += 1
+                handle.changed()
                 return  # the row stays running: resumed at the next start
             if handle.cancel_reason == "user":
                 handle.state, handle.error = JobState.CANCELLED, "cancelled"
@@ -212,9 +300,10 @@ class JobRunner:
                     log.exception("job %d failed", handle.id)
                     handle.error = f"internal error: {type(e).__name__}: {e}"
                     handle.error_code = "internal"
+        try:
+            self._persist(handle, force=True)
         finally:
-            handle.version += 1
-        self._persist(handle, force=True)
+            handle.changed()  # after the row is written: a client that saw the end may ask
         log.info("job %d %s: %s", handle.id, handle.state, handle.error or "ok")
 
     def get(self, job_id: int) -> dict[str, Any]:
@@ -261,3 +350,4 @@ class JobRunner:
                 handle.cancel_reason = handle.cancel_reason or "shutdown"
                 handle.cancel.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        WARM.close()

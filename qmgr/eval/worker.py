@@ -190,7 +190,10 @@ def evaluate(request: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> int:
     try:
-        request = json.loads(sys.stdin.read())
+        raw = sys.stdin.read()
+        if not raw.strip():
+            return 0  # a warm worker the daemon no longer needs (qmgr.daemon.jobs.WarmWorkers)
+        request = json.loads(raw)
         emit({"result": evaluate(request)})
         return 0
     except EvalError as e:

@@ -76,6 +76,10 @@ class QuantizeJob:
     # progress(fraction 0..1, message): fraction None when unknown
     progress: Callable[[float | None, str], None] = lambda fraction, message: None
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # What the catalog knows of the source (``qmgr.gguf.ModelFacts.to_dict()``: file_type,
+    # tensor_types, ...), read from its header when it was cataloged, so that a quantizer need
+    # not parse it again; None when the quantizer is called outside the daemon.
+    src_facts: dict[str, Any] | None = None
 
 
 class Quantizer(Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,21 @@ from qmgr.store import Store, fsync_dir, hash_file
 
 log = logging.getLogger(__name__)
 
+
+def _facts(d: dict[str, Any] | None) -> gguf.ModelFacts | None:
+    """ModelFacts from the worker's ``to_dict()``; None (read the header) if they do not fit."""
+    if not isinstance(d, dict):
+        return None
+    try:
+        return gguf.ModelFacts(**d)
+    except TypeError:
+        return None
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+
 DEFAULT_QUANTIZER = "llama.cpp"
 
 
@@ -39,6 +55,7 @@ class Source:
     ref: str
     path: Path
     sha256: str
+    facts: dict[str, Any]
 
 
 class Quantizing:
@@ -60,7 +77,7 @@ class Quantizing:
                                 "quantizing split models is not supported yet",
                                 code="unsupported")
             return Source(v.id, v.model.name, f"{v.model.name}:{v.tag}",
-                          Path(v.files[0].blob.path), v.sha256)
+                          Path(v.files[0].blob.path), v.sha256, dict(v.facts or {}))
 
     def imatrix_for(self, model: str, spec: str | None) -> tuple[Path, str] | None:
         """The importance matrix to use: a file path, a digest prefix, or "latest" (the newest
@@ -90,15 +107,30 @@ class Quantizing:
         return run_worker(handle, "qmgr.quantize.worker", request, label, self.env,
                           "quantize_failed")
 
-    def publish(self, partial: Path) -> tuple[str, int, Path, gguf.ModelFacts]:
-        with partial.open("rb+") as f:
-            os.fsync(f.fileno())
-        try:
-            facts = gguf.inspect(partial)
-        except GGUFError as e:
-            raise QmgrError(f"the quantizer wrote an invalid GGUF file: {e.message}",
-                            code="quantize_failed") from e
-        sha, size = hash_file(partial)
+    def publish(self, partial: Path, digest: tuple[str, int] | None = None,
+                known: gguf.ModelFacts | None = None) -> tuple[str, int, Path, gguf.ModelFacts]:
+        """fsync, hash and header check at once (disk, one core, the other core), then into
+        the store. ``digest``: (sha256, size) when the worker hashed the file as it was
+        written, ``known`` the facts of its header, parsed meanwhile by qmgr's reader (see
+        qmgr.builtin.llama_digest): the size is checked here, the bytes are not read again."""
+        with ThreadPoolExecutor(2, thread_name_prefix="qmgr-publish") as pool:
+            synced = pool.submit(_fsync, partial)
+            hashed = pool.submit(hash_file, partial) if digest is None else None
+            try:
+                facts = known if known is not None and digest is not None \
+                    else gguf.inspect(partial)
+            except GGUFError as e:
+                raise QmgrError(f"the quantizer wrote an invalid GGUF file: {e.message}",
+                                code="quantize_failed") from e
+            if hashed is not None:
+                sha, size = hashed.result()
+            else:
+                assert digest is not None
+                sha, size = digest
+            synced.result()
+        if partial.stat().st_size != size:
+            raise QmgrError(f"the quantizer's output changed after it was hashed ({size} bytes "
+                            f"hashed, {partial.stat().st_size} on disk)", code="quantize_failed")
         return sha, size, self.store.publish(partial, sha, size), facts
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -126,8 +158,12 @@ class Quantizing:
             try:
                 result = self.run_worker(handle, {
                     "quantizer": quantizer, "src": str(src.path), "dst": str(partial),
-                    "target": target, "options": options.to_dict()}, label)
-                sha, size, path, facts = self.publish(partial)
+                    "target": target, "options": options.to_dict(), "src_facts": src.facts},
+                    label)
+                digest = (result["sha256"], int(result["size"])) if result.get("sha256") \
+                    else None
+                sha, size, path, facts = self.publish(partial, digest,
+                                                      _facts(result.get("facts")))
             finally:
                 partial.unlink(missing_ok=True)
                 fsync_dir(self.store.partial)

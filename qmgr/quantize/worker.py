@@ -9,7 +9,9 @@ stdout: ``{"progress": 0.42, "message": "blk.3.ffn_up.weight"}`` as it goes, the
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import threading
 import traceback
@@ -26,6 +28,22 @@ def emit(obj: dict[str, Any]) -> None:
 
 def progress(fraction: float | None, message: str) -> None:
     emit({"progress": fraction, "message": message})
+
+
+def flush_while_writing(path: Path, done: threading.Event, every: float = 0.25) -> None:
+    """Write the output back to disk while the quantizer still writes it, so that the fsync
+    before publication finds little left to do (the disk works while the CPUs quantize)."""
+    while not done.wait(every):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # not created yet
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            pass  # the daemon's own fsync before publication reports what matters
+        finally:
+            os.close(fd)
 
 
 def find_quantizer(name: str) -> Any:
@@ -53,9 +71,22 @@ def quantize(request: dict[str, Any]) -> dict[str, Any]:
         raise QuantizeError(f"quantizer {quantizer.name} does not support "
                             f"{', '.join(sorted(unsupported))}", code="bad_option")
     job = QuantizeJob(Path(request["src"]), Path(request["dst"]), target, options, progress,
-                      threading.Event())
-    details = quantizer.quantize(job) or {}
-    return {"quantizer": quantizer.name, "version": str(quantizer.version), "details": details}
+                      threading.Event(), src_facts=request.get("src_facts"))
+    written = threading.Event()
+    flusher = threading.Thread(target=flush_while_writing, args=(job.dst, written), daemon=True)
+    flusher.start()
+    try:
+        details = quantizer.quantize(job) or {}
+    finally:
+        written.set()  # the flusher stops after its current fdatasync; no need to wait
+    result = {"quantizer": quantizer.name, "version": str(quantizer.version), "details": details}
+    # The built-in llama.cpp quantizer hashes its output as it is written (llama_digest): the
+    # daemon then need not read it all again. Other quantizers' outputs are hashed there.
+    sha, size = details.pop("output_sha256", None), details.pop("output_size", None)
+    facts = details.pop("output_facts", None)
+    if sha and size and type(quantizer).__module__ == "qmgr.builtin.llama_quantizer":
+        result.update(sha256=sha, size=size, facts=facts)
+    return result
 
 
 def imatrix(request: dict[str, Any]) -> dict[str, Any]:
@@ -68,9 +99,28 @@ def imatrix(request: dict[str, Any]) -> dict[str, Any]:
                            n_threads=request.get("threads"), progress=progress)
 
 
+def prepare() -> None:
+    """Load what requests need before one arrives: the daemon starts the next worker ahead of
+    time (see ``qmgr.daemon.jobs.WarmWorkers``), and it waits here, ready. Plugins installed
+    as packages are looked up when the request comes, so a newly installed one is seen."""
+    import importlib
+
+    from qmgr.plugins import DEFAULT_PLUGINS
+
+    for module in DEFAULT_PLUGINS:
+        if module.endswith("_quantizer"):
+            importlib.import_module(module)
+    with contextlib.suppress(ImportError, OSError):  # the llama.cpp quantizer says why
+        import llama_cpp  # noqa: F401 (the slow part: ~0.2-0.5 s)
+
+
 def main() -> int:
     try:
-        request = json.loads(sys.stdin.read())
+        prepare()
+        raw = sys.stdin.read()
+        if not raw.strip():
+            return 0  # a warm worker the daemon no longer needs
+        request = json.loads(raw)
         work = imatrix if request.get("kind") == "imatrix" else quantize
         result = work(request)
         emit({"result": result})
