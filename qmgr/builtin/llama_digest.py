@@ -15,11 +15,14 @@ them, set their types. The thread hashes that header, then follows the file as t
 arrives, and when llama.cpp is done compares the header it actually wrote with the prediction.
 Equal: the digest is the file's (every byte hashed was read from the file, the header compared
 byte for byte). Different, or anything failed: no digest, and the daemon hashes the file as it
-always did. The quantization itself runs mostly on one core, so this work fits on the other.
+always did. The quantization itself runs mostly on one core, so this work fits on the other:
+the dry run beside llama.cpp's own loading of the model, then the hashing at the lowest
+priority (nice 19), so as not to slow the quantization when it uses every core.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -202,6 +205,12 @@ class OutputDigest:
                 return
             header, total = predict_header(self.llama_cpp, self.src, int(self.params.ftype),
                                            self.overrides, tensors)
+            # The dry run ran beside llama.cpp's loading of the model (one core); from here on
+            # this thread takes only what the quantization leaves idle (at the lowest priority
+            # it takes little from llama.cpp's threads when they use every core) and catches
+            # up on what is left when they are done.
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             facts = _facts(header, total)
             result = self._follow(header)
             if result is not None:
