@@ -50,13 +50,22 @@ def download(server: BadMirror, f: Path, store_root: Path, **opts: Any) -> Downl
 
 
 def direct_io_works(folder: Path) -> bool:
+    """Whether this filesystem takes an aligned O_DIRECT write (tmpfs, for one, may not)."""
+    import mmap
+
     probe = folder / "probe"
     probe.write_bytes(b"")
     try:
-        os.close(os.open(probe, os.O_RDWR | os.O_DIRECT))
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, mmap.mmap(-1, ALIGN), 0)
         return True
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("direct_io", [True, False], ids=["o_direct", "page_cache"])
