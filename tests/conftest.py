@@ -146,3 +146,16 @@ def daemon(qenv: Env) -> Env:
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     return make_tiny_gguf(tmp_path / "tiny-Q8_0.gguf", ftype="Q8_0")
+
+
+def registered_by(module: Any, hook: str) -> list[Any]:
+    """What one built-in plugin module registers through ``hook``, loaded alone."""
+    from qmgr.plugins import PluginSet
+
+    plugins = PluginSet(env={"QMGR_PLUGINS": ""}, load_builtins=False)
+    name = module.__name__.rsplit(".", 1)[-1]
+    plugins.register(module, name=name)
+    try:
+        return plugins.registered(hook)
+    finally:
+        plugins.unregister(name)

@@ -140,14 +140,9 @@ def tiny(llama_cpp: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_registered_as_a_plugin(llama_cpp: Any) -> None:
-    from qmgr.plugins import PluginSet
+    from conftest import registered_by
 
-    plugins = PluginSet(env={"QMGR_PLUGINS": ""}, load_builtins=False)
-    plugins.register(llama_backend, name="llama_backend")
-    try:
-        [backend] = plugins.registered("register_backends")
-    finally:
-        plugins.unregister("llama_backend")
+    [backend] = registered_by(llama_backend, "register_backends")
     assert backend.name == "llama.cpp"
     assert backend.version == llama_cpp.__version__
 

@@ -26,6 +26,7 @@ import pytest
 llama_cpp = pytest.importorskip(
     "llama_cpp", reason="llama-cpp-python (the qmgr[llama] extra) is not installed")
 
+from conftest import registered_by  # noqa: E402
 from testmodel import gemma_f16, perplexity  # noqa: E402
 
 from qmgr import gguf  # noqa: E402
@@ -33,7 +34,6 @@ from qmgr.builtin import imatrix as imx  # noqa: E402
 from qmgr.builtin import llama_quantizer  # noqa: E402
 from qmgr.builtin.llama_quantizer import LlamaCppQuantizer  # noqa: E402
 from qmgr.gguf.reader import read_header  # noqa: E402
-from qmgr.plugins import PluginSet  # noqa: E402
 from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -121,12 +121,7 @@ def ppl() -> Iterator[dict[str, float]]:
 
 
 def test_registered_as_a_plugin_with_every_llama_cpp_file_type() -> None:
-    plugins = PluginSet(env={"QMGR_PLUGINS": ""}, load_builtins=False)
-    plugins.register(llama_quantizer, name="llama_quantizer")
-    try:
-        [quantizer] = plugins.registered("register_quantizers")
-    finally:
-        plugins.unregister("llama_quantizer")
+    [quantizer] = registered_by(llama_quantizer, "register_quantizers")
     assert quantizer.name == "llama.cpp"
     assert quantizer.version.startswith(llama_cpp.__version__)
     assert len(quantizer.targets()) == 32

@@ -48,11 +48,9 @@ float16 (5 GiB of temporary file for 10k positions).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +58,7 @@ from typing import Any
 from qmgr.eval import read_text
 from qmgr.eval.metrics import Comparison, perplexity
 from qmgr.run.contract import LoadOptions
+from qmgr.workerio import progress, serve
 
 
 class EvalError(Exception):
@@ -69,15 +68,6 @@ class EvalError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def progress(fraction: float | None, message: str) -> None:
-    emit({"progress": fraction, "message": message})
 
 
 def find_backend(name: str) -> Any:
@@ -189,19 +179,7 @@ def evaluate(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    try:
-        raw = sys.stdin.read()
-        if not raw.strip():
-            return 0  # a warm worker the daemon no longer needs (qmgr.daemon.jobs.WarmWorkers)
-        request = json.loads(raw)
-        emit({"result": evaluate(request)})
-        return 0
-    except EvalError as e:
-        emit({"error": {"code": e.code, "message": e.message}})
-    except Exception as e:  # the daemon shows it; the traceback goes to the daemon's log
-        traceback.print_exc(file=sys.stderr)
-        emit({"error": {"code": "eval_failed", "message": f"{type(e).__name__}: {e}"}})
-    return 1
+    return serve(evaluate, EvalError, "eval_failed")
 
 
 if __name__ == "__main__":

@@ -10,24 +10,14 @@ stdout: ``{"progress": 0.42, "message": "blk.3.ffn_up.weight"}`` as it goes, the
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import threading
-import traceback
 from pathlib import Path
 from typing import Any
 
 from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def progress(fraction: float | None, message: str) -> None:
-    emit({"progress": fraction, "message": message})
+from qmgr.workerio import progress, serve
 
 
 def flush_while_writing(path: Path, done: threading.Event, every: float = 0.25) -> None:
@@ -114,23 +104,12 @@ def prepare() -> None:
         import llama_cpp  # noqa: F401 (the slow part: ~0.2-0.5 s)
 
 
+def work(request: dict[str, Any]) -> dict[str, Any]:
+    return (imatrix if request.get("kind") == "imatrix" else quantize)(request)
+
+
 def main() -> int:
-    try:
-        prepare()
-        raw = sys.stdin.read()
-        if not raw.strip():
-            return 0  # a warm worker the daemon no longer needs
-        request = json.loads(raw)
-        work = imatrix if request.get("kind") == "imatrix" else quantize
-        result = work(request)
-        emit({"result": result})
-        return 0
-    except QuantizeError as e:
-        emit({"error": {"code": e.code, "message": e.message}})
-    except Exception as e:  # the daemon shows it; the traceback goes to the daemon's log
-        traceback.print_exc(file=sys.stderr)
-        emit({"error": {"code": "quantize_failed", "message": f"{type(e).__name__}: {e}"}})
-    return 1
+    return serve(work, QuantizeError, "quantize_failed", prepare)
 
 
 if __name__ == "__main__":

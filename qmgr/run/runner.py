@@ -17,11 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qmgr.run.contract import GenParams, LoadOptions
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+from qmgr.workerio import emit
 
 
 def find_backend(name: str) -> Any:
