@@ -155,11 +155,25 @@ def test_sigterm_stops_cleanly(daemon: Env) -> None:
     assert "qmgrd stopped" in daemon.daemon_log()
 
 
+def test_the_client_leaves_with_its_status_and_all_its_output() -> None:
+    # The client skips the interpreter's teardown (os._exit): its buffered output must still
+    # arrive whole, and its exit status be click's.
+    full = subprocess.run([QMGR, "--help"], capture_output=True, text=True)
+    assert full.returncode == 0
+    assert full.stdout.startswith("Usage: qmgr") and full.stdout.rstrip().endswith(
+        "Watch folders for GGUF files.")
+    wrong = subprocess.run([QMGR, "frobnicate"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "No such command 'frobnicate'" in wrong.stderr
+    closed = subprocess.run(f"{QMGR} --help | head -c 10", shell=True, capture_output=True,
+                            text=True)
+    assert closed.stdout == "Usage: qmg" and "Traceback" not in closed.stderr
+
+
 def test_help_is_light() -> None:
     code = (
         "import sys; sys.argv=['qmgr','--help']\n"
-        "from qmgr.cli import main\n"
-        "try:\n main()\n"
+        "from qmgr.cli import cli\n"
+        "try:\n cli(prog_name='qmgr')\n"
         "except SystemExit: pass\n"
         "heavy=[m for m in ('sqlalchemy','numpy','qmgr.daemon','alembic','starlette','httpx',"
         "'uvicorn','gguf') if m in sys.modules]\n"

@@ -459,16 +459,55 @@ def test_output_hashed_while_written_with_an_imatrix(tmp_path: Path) -> None:
     assert result["output_sha256"] == sha256_file(dst)
 
 
+def test_the_dry_run_reads_a_skeleton_without_the_vocabulary(tiny: Path, tmp_path: Path) -> None:
+    import os
+
+    from qmgr.builtin import llama_digest
+
+    def dry_run(path: bytes, target: str) -> list[tuple[str, str]]:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_quantizer.FTYPE_IDS[target]
+        params.dry_run = True
+        text: list[str] = []
+        with llama_quantizer.LlamaLog(text.append):
+            assert llama_cpp.llama_model_quantize(path, os.fsencode(tmp_path / "none.gguf"),
+                                                  ctypes.byref(params)) == 0
+        assert not (tmp_path / "none.gguf").exists()
+        return llama_digest.parse_dry_run("".join(text).splitlines())
+
+    g = llama_digest._ggml(llama_cpp)
+    tensor_ctx = ctypes.c_void_p()
+    source = g.gguf_init_from_file(os.fsencode(tiny),
+                                   llama_digest._InitParams(True, ctypes.pointer(tensor_ctx)))
+    try:
+        with llama_digest._skeleton(g, source, tiny) as path:
+            assert path.startswith(b"/proc/self/fd/")  # an anonymous memory file
+            skeleton = Path(os.fsdecode(path))
+            header = read_header(skeleton)
+            vocab = read_header(tiny).metadata["tokenizer.ggml.tokens"]
+            assert not [k for k in header.metadata if k.startswith("tokenizer.ggml.token")]
+            assert header.metadata["llama.vocab_size"] == vocab.count
+            assert skeleton.stat().st_size == tiny.stat().st_size  # a hole stands for the data
+            for target in ("Q4_K_M", "Q2_K", "Q8_0"):
+                types = dry_run(path, target)
+                assert types == dry_run(os.fsencode(tiny), target)
+                assert len(types) == len(read_header(tiny).tensors)
+    finally:
+        g.gguf_free(source)
+        g.ggml_free(tensor_ctx)
+
+
 def test_a_wrong_prediction_gives_no_digest(tiny: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from qmgr.builtin import llama_digest
 
     real = llama_digest.predict_header
 
-    def off_by_one(*args: Any) -> bytes:
-        header = bytearray(real(*args))
-        header[-1] ^= 1
-        return bytes(header)
+    def off_by_one(*args: Any) -> tuple[bytes, int]:
+        header, total = real(*args)
+        wrong = bytearray(header)
+        wrong[-1] ^= 1
+        return bytes(wrong), total
 
     monkeypatch.setattr(llama_digest, "predict_header", off_by_one)
     dst = tmp_path / "tiny-Q8_0.gguf"

@@ -8,6 +8,7 @@ name is not a built-in one, or when the full list of commands is shown.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -124,7 +125,30 @@ def table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 def main() -> None:
-    cli(prog_name="qmgr")
+    try:
+        cli(prog_name="qmgr")
+        code = 0
+    except SystemExit as e:
+        code = _exit_status(e.code)
+    # Leave without the interpreter's teardown (freeing every module: ~15 ms of a ~90 ms
+    # `qmgr list`): nothing here needs it once the output is flushed. Files are closed by
+    # their `with` blocks; the process's sockets close with it.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`qmgr list | head -1`): nothing to say
+            code = code or 1
+    os._exit(code)
+
+
+def _exit_status(code: object) -> int:
+    """The exit status ``sys.exit(code)`` gives (a message is printed, status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
 
 
 # The command families register themselves on ``cli``.

@@ -200,8 +200,7 @@ class Quantizing:
             result = self.run_worker(handle, {"kind": "imatrix", "src": str(src.path),
                                               "dst": str(partial), "text": str(text),
                                               "n_ctx": args.get("n_ctx")}, "computing imatrix")
-            with partial.open("rb+") as f:
-                os.fsync(f.fileno())
+            _fsync(partial)
             gguf.inspect(partial)  # what we publish must at least be a readable GGUF
             sha, size = hash_file(partial)
             folder = self.store.root / "imatrix"
