@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,17 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+PROGRESS_EVERY_S = 0.05  # the daemon shows progress at most ten times a second
+_last_progress = [0.0]
+
+
 def progress(fraction: float | None, message: str) -> None:
+    """Report progress, at most every ``PROGRESS_EVERY_S`` (a quantizer reports each tensor:
+    hundreds a second on a small model, each one parsed by the daemon), the end always."""
+    now = time.monotonic()
+    if now - _last_progress[0] < PROGRESS_EVERY_S and fraction is not None and fraction < 1:
+        return
+    _last_progress[0] = now
     emit({"progress": fraction, "message": message})
 
 

@@ -35,6 +35,7 @@ QUANTIZERS = """
             total = 4
             for i in range(total):
                 job.progress((i + 1) / total, f"tensor {i}")
+                time.sleep(float(os.environ.get("COPY_TENSOR_SECONDS", "0")))
             shutil.copyfile(job.src, job.dst)
             with open(job.dst, "ab") as f:  # other bytes per target: a new variant each
                 f.write(job.target.encode().ljust(32, b"\\0"))
@@ -117,6 +118,42 @@ def test_progress_events(quantizing: Env) -> None:
     assert events[-1]["state"] == "succeeded"
     fractions = [e["progress"].get("fraction") for e in events if e["progress"].get("fraction")]
     assert fractions == sorted(fractions)
+
+
+def test_a_client_showing_no_progress_gets_only_changes_of_state_and_phase(
+        quantizing: Env) -> None:
+    import threading
+
+    from qmgr import settings
+    from qmgr.client import Client
+
+    quantizing.stop()
+    quantizing.env["COPY_TENSOR_SECONDS"] = "0.3"  # progress for ~1.2 s
+    quantizing.start()
+    job = json.loads(quantizing.qmgr("quantize", "base:F16", "--to", "Q8_0", "--quantizer",
+                                     "copy", "--detach", "--json").stdout)
+    client = Client(settings.load(env=quantizing.env, autostart=False), timeout=30)
+    streams: dict[str, list[dict[str, Any]]] = {}
+
+    def read(query: str) -> None:
+        streams[query] = list(client.stream_lines(f"/v1/jobs/{job['id']}/events{query}"))
+
+    readers = [threading.Thread(target=read, args=(q,)) for q in ("", "?progress=0")]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(30)
+    full, changes = streams[""], streams["?progress=0"]
+    assert full[-1]["state"] == changes[-1]["state"] == "succeeded"
+    assert full[-1]["result"] == changes[-1]["result"]
+    steps = [(e["state"], e["progress"].get("phase")) for e in changes]
+    assert len(set(steps)) == len(steps)  # each one a change
+    fractions = {e["progress"].get("fraction") for e in full}
+    assert {0.25, 0.5, 0.75} <= fractions  # the full stream had the progress between them
+    assert len(changes) < len(full)
+    # The command without a terminal uses that stream and still names each phase.
+    r = quantizing.qmgr("quantize", "base:F16", "--to", "F16", "--quantizer", "copy")
+    assert "quantize base:F16: quantizing F16 (1/1)" in r.stderr.splitlines()
 
 
 @pytest.mark.parametrize("target,message", [

@@ -45,8 +45,10 @@ def follow(ctx: click.Context, job: dict[str, Any], *, as_json: bool, quiet: boo
     last_phase = None
     last_draw = 0.0
     final = job
+    # Without a bar or --json, only changes of state and phase are wanted.
+    query = "" if tty or as_json else "?progress=0"
     try:
-        for event in c.stream_lines(f"/v1/jobs/{job['id']}/events"):
+        for event in c.stream_lines(f"/v1/jobs/{job['id']}/events{query}"):
             final = event
             if as_json:
                 sys.stdout.write(json.dumps(event) + "\n")

@@ -487,7 +487,11 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
         "summary": "A job's progress as newline-delimited JSON, until it ends",
         "operationId": "job_events",
         "parameters": [{"name": "job_id", "in": "path", "required": True,
-                        "schema": {"type": "integer"}}],
+                        "schema": {"type": "integer"}},
+                       {"name": "progress", "in": "query", "required": False,
+                        "description": "0: only changes of state or phase, no progress "
+                                       "(for clients that show none)",
+                        "schema": {"type": "string", "enum": ["0", "1"], "default": "1"}}],
         "responses": {"200": {"description": "job states",
                               "content": {"application/x-ndjson": {"schema": {}}}},
                       "default": {"description": "Error",
@@ -532,9 +536,12 @@ async def job_events(d: Daemon, request: Request) -> Response:
 
     job_id = request.path_params["job_id"]
     first = await run_in_threadpool(d.jobs.get, job_id)  # 404 before the stream starts
+    # progress=0: a client that shows no progress (`-q`, output not a terminal) gets the
+    # changes of state and phase only, and the stream sleeps until one comes.
+    with_progress = request.query_params.get("progress", "1") != "0"
 
     async def events() -> Any:
-        last = -1
+        last: object = -1
         current = first
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
@@ -552,15 +559,17 @@ async def job_events(d: Daemon, request: Request) -> Response:
                 if handle is None:
                     yield json.dumps(current) + "\n"
                     return
-                if handle.version != last:
-                    last = handle.version
+                seen = handle.version if with_progress \
+                    else (handle.state, handle.progress.get("phase"))
+                if seen != last:
+                    last = seen
                     current = handle.to_dict()
                     yield json.dumps(current) + "\n"
                     if current["state"] in TERMINAL:
                         return
                 # Progress at most ten times a second; a change of state or phase at once.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(woken.wait(), 0.1)
+                    await asyncio.wait_for(woken.wait(), 0.1 if with_progress else 5.0)
                 woken.clear()
         finally:
             if watched is not None:
