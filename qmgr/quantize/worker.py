@@ -113,8 +113,7 @@ def main() -> int:
     # callback must take the GIL: while the digest thread runs Python code (parsing the
     # predicted header, ~50 ms), each callback would wait up to the switch interval (5 ms by
     # default) with llama.cpp stalled. Measured with that code made to hold the GIL for 1 s
-    # (Gemma 3 270M to Q4_K_M, medians of 3): 6.06 s at 5 ms, 5.38 s at 0.5 ms, which is the
-    # quantization's time without that loop.
+    # (Gemma 3 270M to Q4_K_M, medians of 3): 6.06 s at 5 ms, 5.38 s at 0.5 ms.
     sys.setswitchinterval(0.0005)
     return serve(work, QuantizeError, "quantize_failed", prepare)
 
