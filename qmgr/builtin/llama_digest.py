@@ -229,7 +229,7 @@ class OutputDigest:
         self.params.dry_run = True
         self.overrides = overrides
         self.text = ""
-        self.predicted = threading.Event()  # the dry run is over (its log lines are in)
+        self.predicted = threading.Event()  # the header is predicted (the dry run's log is in)
         self.written = threading.Event()  # llama.cpp returned: the file is complete
         self.result: tuple[str, int, dict[str, Any] | None] | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="qmgr-digest")
