@@ -248,3 +248,21 @@ def test_the_next_worker_is_started_ahead_and_waits(quantizing: Env) -> None:
     # A waiting worker leaves with the daemon (its stdin closes).
     wait_for("the idle worker exits", lambda: not Path(f"/proc/{after}").exists()
              or Path(f"/proc/{after}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_the_worker_finds_its_quantizers_once_and_again_after_an_install(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qmgr.quantize import worker
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("QMGR_PLUGINS", "testquant")
+    monkeypatch.setattr(worker, "_plugins", [])
+    first = worker.quantizer_plugins()
+    assert worker.quantizer_plugins() is first  # nothing installed meanwhile: no new scan
+    with pytest.raises(Exception, match="no quantizer named 'copy'"):
+        worker.find_quantizer("copy")
+    install(site, "testquant", QUANTIZERS)  # a package installed while the worker waits
+    assert worker.find_quantizer("copy").version == "1.2"
+    assert worker.quantizer_plugins() is not first

@@ -40,7 +40,10 @@ from qmgr.gguf.types import GGML_TYPES_BY_NAME
 log = logging.getLogger(__name__)
 
 GGML_QNT_VERSION = 2  # ggml.h; llama.cpp stores it as general.quantization_version
-CHUNK = 4 << 20
+# The output is read back into one buffer of this size, reused: it stays in the core's cache
+# between the read and the hash, and no new memory is mapped and unmapped per chunk (in the
+# process whose other threads are llama.cpp's).
+CHUNK = 1 << 20
 GGUF_TYPE_ARRAY = 9  # gguf.h, enum gguf_type
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 
@@ -283,6 +286,8 @@ class OutputDigest:
     def _follow(self, header: bytes) -> tuple[str, int] | None:
         h = hashlib.sha256(header)
         pos = len(header)
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
         fd = None
         while fd is None:
             done = self.written.is_set()
@@ -297,11 +302,11 @@ class OutputDigest:
                 done = self.written.is_set()  # before the size: then the size is the final one
                 size = os.fstat(fd).st_size
                 while pos < size:
-                    chunk = os.pread(fd, min(CHUNK, size - pos), pos)
-                    if not chunk:
+                    n = os.preadv(fd, [view[:min(CHUNK, size - pos)]], pos)
+                    if not n:
                         return None
-                    h.update(chunk)
-                    pos += len(chunk)
+                    h.update(view[:n])
+                    pos += n
                 if done:
                     break
                 self.written.wait(0.02)

@@ -556,7 +556,9 @@ async def job_events(d: Daemon, request: Request) -> Response:
         try:
             while True:
                 handle = d.jobs.handles.get(job_id)
-                if handle is None:
+                if handle is None:  # not run here, or finished long enough ago to be forgotten
+                    if current["state"] not in TERMINAL:
+                        current = await run_in_threadpool(d.jobs.get, job_id)
                     yield json.dumps(current) + "\n"
                     return
                 seen = handle.version if with_progress \

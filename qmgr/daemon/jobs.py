@@ -12,6 +12,7 @@ stopped by shutdown keeps what it has for the next start.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 TERMINAL = {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED}
 PERSIST_EVERY_S = 1.0
 REFILL_DELAY_S = 1.0
+# Finished jobs whose handles stay in memory (their rows in the catalog are complete; what is
+# asked of an older one is read from there).
+KEEP_FINISHED = 64
 
 
 class JobHandle:
@@ -51,6 +55,9 @@ class JobHandle:
         self.cancel_reason: str | None = None
         self.lock = threading.Lock()
         self._persisted = 0.0
+        # How the job ended (state, result, error...), written to its row before the handle
+        # shows it: whoever sees the end can read it from the catalog too.
+        self.final: dict[str, Any] | None = None
         self._rate_at: tuple[float, int] | None = None
         # Event streams waiting for a change: called (from any thread) when the state or the
         # phase changes, so a client learns at once that its job ended.
@@ -130,11 +137,16 @@ class WarmWorkers:
             return proc
         return self.spawn(module, env)
 
-    def refill(self, module: str, env: dict[str, str] | None) -> None:
+    def refill(self, module: str, env: dict[str, str] | None, now: bool = False) -> None:
+        """Start the next idle worker: a moment later, as starting Python and loading the
+        libraries takes a core for a fraction of a second, which the job that just ended
+        needs to publish its output; ``now`` when the job has another step for it at once
+        (the next target of a quantization: it would otherwise start a worker itself)."""
         if not self.wanted(env):
             return
-        # A moment later: starting Python and loading the libraries takes a core for a
-        # fraction of a second, which the job that just ended needs to publish its output.
+        if now:
+            self._refill(module, env)
+            return
         timer = threading.Timer(REFILL_DELAY_S, self._refill, (module, env))
         timer.daemon = True
         timer.start()
@@ -171,10 +183,11 @@ def _reap(proc: subprocess.Popen[str]) -> None:
 
 
 def run_worker(handle: JobHandle, module: str, request: dict[str, Any], label: str,
-               env: dict[str, str] | None = None, failure_code: str = "job_failed"
-               ) -> dict[str, Any]:
+               env: dict[str, str] | None = None, failure_code: str = "job_failed",
+               more: bool = False) -> dict[str, Any]:
     """Run ``python -m MODULE`` (a worker speaking JSON lines: progress, then one result or
-    error) for a job: relay its progress to the job, kill it when the job is cancelled."""
+    error) for a job: relay its progress to the job, kill it when the job is cancelled.
+    ``more``: the job runs another worker of this module right after this one."""
     import json
 
     proc = WARM.take(module, env)
@@ -200,7 +213,7 @@ def run_worker(handle: JobHandle, module: str, request: dict[str, Any], label: s
             answer = msg
             break  # its work is done: no need to wait for the interpreter to wind down
     threading.Thread(target=_reap, args=(proc,), daemon=True).start()
-    WARM.refill(module, env)  # for the next job, while this one finishes up
+    WARM.refill(module, env, now=more)  # for the next job, while this one finishes up
     if handle.cancel.is_set():
         raise QmgrError(f"{label} cancelled", code="cancelled")
     if "result" in answer:
@@ -218,6 +231,7 @@ class JobRunner:
         self.catalog = catalog
         self.kinds: dict[str, JobFunction] = {}
         self.handles: dict[int, JobHandle] = {}
+        self.finished: collections.deque[int] = collections.deque()
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmgr-job")
         self.stopping = False
         self.lock = threading.Lock()
@@ -257,6 +271,7 @@ class JobRunner:
             return
         handle._persisted = now
         d = handle.to_dict()
+        d.update(handle.final or {})  # the end, even if a periodic save comes after it
         progress = dict(d["progress"])
         if d["result"] is not None:
             progress["result"] = d["result"]
@@ -280,31 +295,42 @@ class JobRunner:
 
         saver = threading.Thread(target=persist_progress, daemon=True)
         saver.start()
+        final: dict[str, Any]
         try:
-            result = self.kinds[handle.kind](handle)
-            handle.result = result
-            handle.state = JobState.SUCCEEDED
+            final = {"state": JobState.SUCCEEDED, "result": self.kinds[handle.kind](handle)}
         except BaseException as e:
             if handle.cancel_reason == "shutdown":
                 log.info("job %d stopped for shutdown; it resumes at the next start", handle.id)
                 handle.changed()
                 return  # the row stays running: resumed at the next start
             if handle.cancel_reason == "user":
-                handle.state, handle.error = JobState.CANCELLED, "cancelled"
-                handle.error_code = "cancelled"
+                final = {"state": JobState.CANCELLED, "error": "cancelled",
+                         "error_code": "cancelled"}
+            elif isinstance(e, QmgrError):
+                final = {"state": JobState.FAILED, "error": e.message, "error_code": e.code}
             else:
-                handle.state = JobState.FAILED
-                if isinstance(e, QmgrError):
-                    handle.error, handle.error_code = e.message, e.code
-                else:
-                    log.exception("job %d failed", handle.id)
-                    handle.error = f"internal error: {type(e).__name__}: {e}"
-                    handle.error_code = "internal"
+                log.exception("job %d failed", handle.id)
+                final = {"state": JobState.FAILED, "error_code": "internal",
+                         "error": f"internal error: {type(e).__name__}: {e}"}
+        handle.final = final
         try:
             self._persist(handle, force=True)
         finally:
-            handle.changed()  # after the row is written: a client that saw the end may ask
+            # Only now, the row written, does the handle show the end: a client that saw it
+            # may ask the catalog.
+            with handle.lock:
+                for key, value in final.items():
+                    setattr(handle, key, value)
+            handle.changed()
+            self._forget_old(handle)
         log.info("job %d %s: %s", handle.id, handle.state, handle.error or "ok")
+
+    def _forget_old(self, handle: JobHandle) -> None:
+        """Keep the handles of the last KEEP_FINISHED finished jobs only."""
+        with self.lock:
+            self.finished.append(handle.id)
+            while len(self.finished) > KEEP_FINISHED:
+                self.handles.pop(self.finished.popleft(), None)
 
     def get(self, job_id: int) -> dict[str, Any]:
         handle = self.handles.get(job_id)

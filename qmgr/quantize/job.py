@@ -103,9 +103,10 @@ class Quantizing:
                             code="not_found", http_status=404)
         return path, hash_file(path)[0]
 
-    def run_worker(self, handle: JobHandle, request: dict[str, Any], label: str) -> dict[str, Any]:
+    def run_worker(self, handle: JobHandle, request: dict[str, Any], label: str,
+                   more: bool = False) -> dict[str, Any]:
         return run_worker(handle, "qmgr.quantize.worker", request, label, self.env,
-                          "quantize_failed")
+                          "quantize_failed", more)
 
     def publish(self, partial: Path, digest: tuple[str, int] | None = None,
                 known: gguf.ModelFacts | None = None) -> tuple[str, int, Path, gguf.ModelFacts]:
@@ -159,7 +160,7 @@ class Quantizing:
                 result = self.run_worker(handle, {
                     "quantizer": quantizer, "src": str(src.path), "dst": str(partial),
                     "target": target, "options": options.to_dict(), "src_facts": src.facts},
-                    label)
+                    label, more=i + 1 < len(args["targets"]))
                 digest = (result["sha256"], int(result["size"])) if result.get("sha256") \
                     else None
                 sha, size, path, facts = self.publish(partial, digest,

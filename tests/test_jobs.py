@@ -1,0 +1,92 @@
+"""The job runner on a real catalog: how a job's end is made known, and what is kept."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qmgr.catalog.db import Catalog
+from qmgr.catalog.models import Job
+from qmgr.daemon import jobs
+from qmgr.daemon.jobs import TERMINAL, JobHandle, JobRunner
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> Catalog:
+    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+    catalog.migrate()
+    return catalog
+
+
+def row_state(catalog: Catalog, job_id: int) -> str:
+    with catalog.reading() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.state
+
+
+def wait_ended(runner: JobRunner, job_id: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 20
+    while (d := runner.get(job_id))["state"] not in TERMINAL:
+        assert time.monotonic() < deadline, d
+        time.sleep(0.01)
+    return d
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "failed"])
+def test_a_job_shows_its_end_only_once_its_row_says_so(catalog: Catalog, outcome: str) -> None:
+    go = threading.Event()
+    shown_while_saving: list[str] = []
+
+    class Runner(JobRunner):
+        def _persist(self, handle: JobHandle, force: bool = False) -> None:
+            if force and handle.final is not None:
+                shown_while_saving.append(handle.to_dict()["state"])
+            super()._persist(handle, force)
+
+    def work(handle: JobHandle) -> dict[str, Any]:
+        go.wait(10)
+        if outcome == "failed":
+            raise RuntimeError("boom")
+        return {"answer": 42}
+
+    runner = Runner(catalog)
+    runner.register("work", work)
+    job_id = runner.submit("work", {})["id"]
+    seen: list[tuple[str, str]] = []
+    handle = runner.handles[job_id]
+    handle.wakers.add(lambda: seen.append((handle.state, row_state(catalog, job_id))))
+    go.set()
+    ended = wait_ended(runner, job_id)
+    runner.shutdown()
+    assert ended["state"] == outcome
+    # While the end was written, the job still showed itself running...
+    assert shown_while_saving == ["running"]
+    # ...and when it showed its end, the row already said the same.
+    assert seen[-1] == (outcome, outcome)
+    with catalog.reading() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        if outcome == "succeeded":
+            assert job.progress["result"] == {"answer": 42}
+        else:
+            assert job.error == "internal error: RuntimeError: boom"
+
+
+def test_finished_jobs_are_forgotten_in_memory_and_answered_from_the_catalog(
+        catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "KEEP_FINISHED", 3)
+    runner = JobRunner(catalog)
+    runner.register("echo", lambda handle: {"n": handle.arguments["n"]})
+    ids = [runner.submit("echo", {"n": n})["id"] for n in range(8)]
+    for job_id in ids:
+        wait_ended(runner, job_id)
+    runner.shutdown()
+    assert len(runner.handles) == 3 and set(runner.handles) <= set(ids)
+    for n, job_id in enumerate(ids):
+        d = runner.get(job_id)
+        assert (d["state"], d["result"]) == ("succeeded", {"n": n})
