@@ -266,3 +266,36 @@ def test_the_worker_finds_its_quantizers_once_and_again_after_an_install(
     install(site, "testquant", QUANTIZERS)  # a package installed while the worker waits
     assert worker.find_quantizer("copy").version == "1.2"
     assert worker.quantizer_plugins() is not first
+
+
+def _dirty_kib() -> int:
+    """The machine's dirty page cache not yet being written back, in KiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError("no Dirty: line in /proc/meminfo")
+
+
+def test_the_worker_writes_the_output_back_while_it_is_written(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    from qmgr.quantize.worker import flush_while_writing
+
+    if not Path("/proc/meminfo").exists():
+        pytest.skip("needs Linux's /proc/meminfo to see dirty pages")
+    out = tmp_path / "out.gguf"
+    before = _dirty_kib()
+    with out.open("wb") as f:
+        f.write(os.urandom(1 << 20) * 64)  # 64 MiB, left in the page cache
+    if _dirty_kib() - before < 48 << 10:
+        pytest.skip(f"{tmp_path} keeps no dirty pages (tmpfs?): nothing to write back")
+    done = threading.Event()
+    flusher = threading.Thread(target=flush_while_writing, args=(out, done, 0.05))
+    flusher.start()
+    try:
+        # The kernel would leave these pages dirty for ~30 s (dirty_expire_centisecs).
+        wait_for("the output written back", lambda: _dirty_kib() - before < 16 << 10, 10)
+    finally:
+        done.set()
+        flusher.join()
