@@ -8,6 +8,8 @@ quantizers have tests of their own.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,8 @@ import pytest
 from conftest import Env
 from ggufmake import make_tiny_gguf
 from test_plugins import install
+
+from qmgr.quantize.contract import QuantizeError
 
 QUANTIZERS = """
     import os, shutil, time
@@ -261,7 +265,7 @@ def test_the_worker_finds_its_quantizers_once_and_again_after_an_install(
     monkeypatch.setattr(worker, "_plugins", [])
     first = worker.quantizer_plugins()
     assert worker.quantizer_plugins() is first  # nothing installed meanwhile: no new scan
-    with pytest.raises(Exception, match="no quantizer named 'copy'"):
+    with pytest.raises(QuantizeError, match="no quantizer named 'copy'"):
         worker.find_quantizer("copy")
     install(site, "testquant", QUANTIZERS)  # a package installed while the worker waits
     assert worker.find_quantizer("copy").version == "1.2"
@@ -277,9 +281,6 @@ def _dirty_kib() -> int:
 
 
 def test_the_worker_writes_the_output_back_while_it_is_written(tmp_path: Path) -> None:
-    import os
-    import threading
-
     from qmgr.quantize.worker import flush_while_writing
 
     if not Path("/proc/meminfo").exists():

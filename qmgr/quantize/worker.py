@@ -21,7 +21,6 @@ from typing import Any
 from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions
 from qmgr.workerio import progress, serve
 
-
 SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
 
 
