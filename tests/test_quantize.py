@@ -126,8 +126,6 @@ def test_progress_events(quantizing: Env) -> None:
 
 def test_a_client_showing_no_progress_gets_only_changes_of_state_and_phase(
         quantizing: Env) -> None:
-    import threading
-
     from qmgr import settings
     from qmgr.client import Client
 

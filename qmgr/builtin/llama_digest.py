@@ -286,8 +286,7 @@ class OutputDigest:
     def _follow(self, header: bytes) -> tuple[str, int] | None:
         h = hashlib.sha256(header)
         pos = len(header)
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
+        view = memoryview(bytearray(CHUNK))
         fd = None
         while fd is None:
             done = self.written.is_set()

@@ -556,8 +556,8 @@ async def job_events(d: Daemon, request: Request) -> Response:
         try:
             while True:
                 handle = d.jobs.handles.get(job_id)
-                if handle is None:  # not run here, or finished long enough ago to be forgotten
-                    if current["state"] not in TERMINAL:
+                if handle is None:  # not run here (`first` is its row), or forgotten since
+                    if watched is not None and current["state"] not in TERMINAL:
                         current = await run_in_threadpool(d.jobs.get, job_id)
                     yield json.dumps(current) + "\n"
                     return
