@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import signal
 import statistics
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchenv import qmgr_env
 
 BIN = Path(sys.executable).parent
 
@@ -62,9 +63,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="qmb-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMGR_")}
-    env.update(QMGR_HOME=str(root / "home"), QMGR_SOCKET=str(root / "s.sock"), QMGR_PLUGINS="",
-               QMGR_NO_AUTOSTART="1")
+    env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     try:
         fill_catalog(root / "home", args.variants)
         daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)

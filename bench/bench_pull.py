@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import qmgr_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from ggufmake import make_sparse_gguf  # noqa: E402
@@ -47,9 +49,7 @@ def main() -> None:
     import threading
 
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMGR_")}
-    env.update(QMGR_HOME=str(root / "home"), QMGR_SOCKET=str(root / "s.sock"), QMGR_PLUGINS="",
-               QMGR_HF_ENDPOINT=server.url)
+    env = qmgr_env(root, QMGR_HF_ENDPOINT=server.url)
     if args.parts:
         env["QMGR_DOWNLOAD_PARTS"] = str(args.parts)
     daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)

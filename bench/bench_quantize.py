@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import qmgr_env
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 BIN = Path(sys.executable).parent
@@ -69,9 +71,7 @@ def main() -> None:
     ftype = next(k for k, v in LLAMA_FILE_TYPES.items() if v == args.type)
     threads = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="qmq-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMGR_")}
-    env.update(QMGR_HOME=str(root / "home"), QMGR_SOCKET=str(root / "s.sock"), QMGR_PLUGINS="",
-               QMGR_NO_AUTOSTART="1")
+    env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     qmgr = str(BIN / "qmgr")
     daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
     direct_s, qmgr_s, inside_s = [], [], []

