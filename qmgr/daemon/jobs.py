@@ -287,9 +287,9 @@ class JobRunner:
             return
         handle.state = JobState.RUNNING
         handle.changed()
-        # The row says "queued" until the saver's first write, a second in: not written here,
-        # before the work (a commit with its fsync, ~5 ms before every job). Nothing reads the
-        # row of a job that has a handle, and start-up resumes queued and running jobs alike.
+        # The row says "queued" until the saver's first write, a second in, not here: the
+        # work does not wait for a commit and its fsync. Nothing reads the row of a job that
+        # has a handle, and start-up resumes queued and running jobs alike.
 
         def persist_progress() -> None:
             while handle.state == JobState.RUNNING and not handle.cancel.wait(PERSIST_EVERY_S):
