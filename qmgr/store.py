@@ -8,10 +8,12 @@ renamed into ``blobs/``, directory fsynced; only then may the catalog mark a var
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,27 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tupl
             if progress:
                 progress(size)
     return h.hexdigest(), size
+
+
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+
+
+def start_writeback() -> Callable[[int], object]:
+    """A function that makes the kernel start writing a file's dirty pages to disk without
+    waiting for them, so that the fsync before publication finds little left: Linux's
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which, unlike ``fdatasync``, commits no journal
+    (a commit can hold up the writer's own writes; flushing every 0.25 s beside a direct
+    quantization of Gemma 3 270M measured +2.3% with ``fdatasync``, +0.3% with this: medians
+    of 22 pairs, within this machine's noise); ``fdatasync`` elsewhere. It makes nothing
+    durable: the fsync before publication does."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            return lambda fd: fn(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
+    return os.fdatasync
 
 
 def fsync_dir(path: Path) -> None:

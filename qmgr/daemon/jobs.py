@@ -304,7 +304,7 @@ class JobRunner:
             if handle.cancel_reason == "shutdown":
                 log.info("job %d stopped for shutdown; it resumes at the next start", handle.id)
                 handle.changed()
-                return  # the row stays running: resumed at the next start
+                return  # the row stays queued or running: resumed at the next start
             if handle.cancel_reason == "user":
                 final = {"state": JobState.CANCELLED, "error": "cancelled",
                          "error_code": "cancelled"}

@@ -39,7 +39,7 @@ from qmgr.errors import QmgrError
 from qmgr.fetch import wire
 from qmgr.fetch.http import FetchError, redact, request, ssl_context
 from qmgr.fetch.remote import RemoteFile
-from qmgr.store import Store, check_digest, fsync_dir
+from qmgr.store import Store, check_digest, fsync_dir, start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +290,11 @@ class Download:
 
     def _flusher(self, workers: list[threading.Thread]) -> None:
         """Write dirty pages back while the download runs (see FLUSH_EVERY)."""
+        writeback = start_writeback()
         while any(t.is_alive() for t in workers):
             if self.flush_wanted.wait(0.5):
                 self.flush_wanted.clear()
-                os.fdatasync(self.fd)
+                writeback(self.fd)
 
     def _frontier(self) -> int:
         """End of the contiguous prefix of bytes on disk."""
