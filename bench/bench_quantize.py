@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import resource
 import shutil
@@ -146,16 +147,24 @@ def main() -> None:
 
 
 def _busy() -> float:
-    """CPU seconds the machine has spent busy (all CPUs, all processes, the kernel's too)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    """CPU seconds the machine has spent busy (all CPUs, all processes, the kernel's too);
+    NaN without Linux's /proc."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    except OSError:
+        return math.nan
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_of(pid: int) -> float:
-    """CPU seconds process ``pid`` has used itself (all its threads, not its children)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """CPU seconds process ``pid`` has used itself (all its threads, not its children); NaN
+    without Linux's /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
