@@ -17,7 +17,14 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from qmgr.errors import DaemonUnavailable, QmgrError
-from qmgr.settings import Settings, check_private_dir, client_socket, user_runtime_dir
+from qmgr.settings import (
+    COMPARED_ENV,
+    FORWARDED_ENV,
+    Settings,
+    check_private_dir,
+    client_socket,
+    user_runtime_dir,
+)
 
 AUTOSTART_WAIT_S = 30.0
 
@@ -78,6 +85,7 @@ class Client:
         self.timeout = timeout
         if self.socket_path.parent == user_runtime_dir() and not settings.socket_explicit:
             check_private_dir(self.socket_path.parent)
+        self.env_header = env_header(os.environ)
 
     def _connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -145,7 +153,8 @@ class Client:
             path += "?" + urlencode(query)
         payload = b"" if body is None else json.dumps(body).encode()
         head = (f"{method} {path} HTTP/1.1\r\nHost: qmgrd\r\nConnection: close\r\n"
-                f"Accept: application/json\r\nContent-Length: {len(payload)}\r\n")
+                f"Accept: application/json\r\nContent-Length: {len(payload)}\r\n"
+                f"{self.env_header}")
         if body is not None:
             head += "Content-Type: application/json\r\n"
         with self.connect() as s:
@@ -166,7 +175,8 @@ class Client:
         with self.connect() as s:
             s.sendall(f"{method} {path} HTTP/1.1\r\nHost: qmgrd\r\nConnection: close\r\n"
                       "Accept: application/x-ndjson\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+                      f"Content-Length: {len(payload)}\r\n{self.env_header}\r\n".encode()
+                      + payload)
             f = s.makefile("rb")
             head = b""
             while (line := f.readline()) not in (b"\r\n", b"\n", b""):
@@ -204,6 +214,16 @@ class Client:
 
     def delete(self, path: str, /, **query: Any) -> Any:
         return self.request("DELETE", path, query=query or None)
+
+
+def env_header(environ: Any) -> str:
+    """The ``X-Qmgr-Env`` header line with the client's settings the daemon must know (see
+    :data:`qmgr.settings.FORWARDED_ENV`), or nothing when none is set."""
+    sent = {k: environ[k] for k in (*FORWARDED_ENV, *COMPARED_ENV) if environ.get(k)}
+    if not sent:
+        return ""
+    # ensure_ascii: a header is latin-1; JSON escapes keep any value on one line.
+    return f"X-Qmgr-Env: {json.dumps(sent, ensure_ascii=True)}\r\n"
 
 
 def ref_path(ref: str) -> str:

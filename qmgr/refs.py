@@ -28,6 +28,25 @@ HOST_RE = re.compile(rf"^(?=.{{1,253}}(?::|$)){_LABEL}(?:\.{_LABEL})*(:\d{{1,5}}
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 DEFAULT_OLLAMA_HOST = "registry.ollama.ai"
 
+# Short names for popular model families: each points at a public GGUF repository that offers
+# the usual quant ladder (Q2_K ... Q8_0, mostly with IQ quants too).
+BUILTIN_ALIASES: dict[str, str] = {
+    "llama3": "hf.co/bartowski/Meta-Llama-3-8B-Instruct-GGUF",
+    "llama3.1": "hf.co/bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
+    "llama3.2": "hf.co/bartowski/Llama-3.2-3B-Instruct-GGUF",
+    "llama3.2-1b": "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF",
+    "qwen2.5": "hf.co/bartowski/Qwen2.5-7B-Instruct-GGUF",
+    "qwen2.5-coder": "hf.co/bartowski/Qwen2.5-Coder-7B-Instruct-GGUF",
+    "qwen3": "hf.co/unsloth/Qwen3-8B-GGUF",
+    "gemma3": "hf.co/unsloth/gemma-3-4b-it-GGUF",
+    "gemma3-270m": "hf.co/unsloth/gemma-3-270m-it-GGUF",
+    "mistral": "hf.co/bartowski/Mistral-7B-Instruct-v0.3-GGUF",
+    "phi3": "hf.co/bartowski/Phi-3.5-mini-instruct-GGUF",
+    "phi4": "hf.co/bartowski/phi-4-GGUF",
+    "deepseek-r1": "hf.co/bartowski/DeepSeek-R1-Distill-Qwen-7B-GGUF",
+    "deepseek-r1-llama": "hf.co/bartowski/DeepSeek-R1-Distill-Llama-8B-GGUF",
+}
+
 
 class BadReference(QmgrError):
     code = "bad_ref"
@@ -56,6 +75,13 @@ class Reference:
         if self.kind == "url":
             return self.url or self.raw
         return self.name + (f":{self.quant}" if self.quant else "")
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs, error messages and the catalog: no query string (signed CDN URLs
+    carry tokens), no credentials."""
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.netloc.rsplit('@', 1)[-1]}{u.path}"
 
 
 def _bad(ref: str, why: str) -> BadReference:
@@ -90,6 +116,29 @@ def check_relative_path(ref: str, path: str) -> str:
             raise _bad(ref, f"file path {path!r} contains {p or 'an empty part'!r}")
         _component(ref, p, "file name part")
     return path
+
+
+MAX_REGISTRY_PATH = 1024
+
+
+def registry_path_problem(path: str) -> str | None:
+    """Why a file path from a registry's listing cannot be used, or None.
+
+    Looser than what a user may type (a repository holds ``images/Screenshot (1).png`` and
+    ``README.md``), strict where it matters: the path ends up in URLs and on terminals, so no
+    way out of the repository and no control characters."""
+    if not path or len(path) > MAX_REGISTRY_PATH:
+        return "the path is empty or too long"
+    if CONTROL_RE.search(path):
+        return "the path contains control characters"
+    if path.startswith("/") or "\\" in path:
+        return "the path is not relative"
+    parts = path.split("/")
+    if len(parts) > 16:
+        return "the path is nested too deep"
+    if any(p in ("", ".", "..") for p in parts):
+        return "the path contains '..', '.' or an empty part"
+    return None
 
 
 def parse(ref: str) -> Reference:

@@ -19,6 +19,14 @@ SYSTEM_CONFIG = Path("/etc/qmgr/config.toml")
 
 TRUE = {"1", "true", "yes", "on"}
 
+# The client's settings that the daemon's work depends on: sent with every request (header
+# ``X-Qmgr-Env``), so a daemon started from another shell, or the system service, pulls from
+# where this user means, with this user's token. ``QMGR_HOME`` is compared, not applied: a
+# daemon keeps one home, and a request meant for another is refused with the difference.
+FORWARDED_ENV = ("QMGR_HF_ENDPOINT", "HF_ENDPOINT", "HF_TOKEN")
+SECRET_ENV = frozenset({"HF_TOKEN"})
+COMPARED_ENV = ("QMGR_HOME",)
+
 
 @dataclasses.dataclass
 class Settings:

@@ -429,12 +429,17 @@ def test_aliases(url_env: Env, mirror: BadMirror, mirror_root: Path) -> None:
     assert "built-in names cannot be removed" in failed(
         url_env.qmgr("alias", "rm", "qwen2.5", check=False))
 
-    # An alias stands for a repository, never for another name.
+    # An alias stands for a repository, or for a cataloged variant, kept by its catalog name
+    # (whatever name found it); a name that finds nothing is refused.
     url_env.qmgr("alias", "add", "mine", "hf.co/test/tiny")
-    for target in ("llama3", "mine", "mine:Q8_0"):
-        message = failed(url_env.qmgr("alias", "add", "chain", target, check=False))
-        assert "not at another name" in message, target
+    for target in ("llama3", "llama3:Q8_0", "mine", "mine:Q8_0"):
+        r = url_env.qmgr("alias", "add", "chain", target)
+        assert r.stdout.strip() == "chain -> llama3:Q8_0", target
+    assert url_env.qmgr("path", "chain").stdout.strip() == row["paths"][0]
+    for target in ("nothing-here", "llama3:Q2_K"):
+        message = failed(url_env.qmgr("alias", "add", "other", target, check=False))
+        assert "not in the catalog" in message, target
     for bad_name in ("a/b", "x:Q8_0", "../x"):
         failed(url_env.qmgr("alias", "add", bad_name, "hf.co/test/tiny", check=False))
     names = {a["name"] for a in url_env.json("alias", "list") if not a["builtin"]}
-    assert names == {"mine"}
+    assert names == {"mine", "chain"}

@@ -21,7 +21,7 @@ import qmgr
 # The newest migration. Start-up compares the database's revision with it and imports alembic
 # only when they differ (alembic costs ~0.5 s to import). tests/test_catalog.py checks that
 # this matches the head of migrations/versions.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 
 BUSY_TIMEOUT_MS = 10_000
 

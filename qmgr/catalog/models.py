@@ -76,6 +76,9 @@ class Model(Base):
     architecture: Mapped[str | None] = mapped_column(String(64))
     parameter_count: Mapped[int | None] = mapped_column(BigInteger)
     source_ref: Mapped[str | None] = mapped_column(String(1024))
+    # The variant the bare name means when there are several (``qmgr run llama3``): the one
+    # last pulled without naming a quant (``qmgr pull llama3 --fit``), as Ollama's ``latest``.
+    default_tag: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     variants: Mapped[list[Variant]] = relationship(
@@ -118,6 +121,9 @@ class Variant(Base):
     files: Mapped[list[VariantFile]] = relationship(
         back_populates="variant", cascade="all, delete-orphan", order_by="VariantFile.shard"
     )
+    attachments: Mapped[list[Attachment]] = relationship(
+        cascade="all, delete-orphan", order_by="Attachment.kind"
+    )
 
 
 class Blob(Base):
@@ -149,6 +155,21 @@ class VariantFile(Base):
     blob_id: Mapped[int] = mapped_column(ForeignKey("blobs.id", ondelete="RESTRICT"), index=True)
 
     variant: Mapped[Variant] = relationship(back_populates="files")
+    blob: Mapped[Blob] = relationship()
+
+
+class Attachment(Base):
+    """A file a variant needs beside its weights (a vision projector), pulled with it."""
+
+    __tablename__ = "attachments"
+
+    variant_id: Mapped[int] = mapped_column(
+        ForeignKey("variants.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)  # "projector"
+    name: Mapped[str] = mapped_column(String(1024))  # the file's name at its source
+    blob_id: Mapped[int] = mapped_column(ForeignKey("blobs.id", ondelete="RESTRICT"), index=True)
+
     blob: Mapped[Blob] = relationship()
 
 

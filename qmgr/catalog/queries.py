@@ -9,6 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from qmgr.catalog.models import (
+    Alias,
+    Attachment,
     Blob,
     Eval,
     Model,
@@ -18,6 +20,7 @@ from qmgr.catalog.models import (
     WatchedFolder,
 )
 from qmgr.errors import Conflict, NotFound, QmgrError
+from qmgr.refs import BUILTIN_ALIASES, BadReference, parse, redact_url
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -47,6 +50,7 @@ def _row(v: Any, m: Any, paths: list[str]) -> dict[str, Any]:
         "state": v.state,
         "origin": v.origin,
         "sha256": v.sha256,
+        "source_ref": v.source_ref,
         "paths": paths,
         "created_at": v.created_at.isoformat(),
     }
@@ -69,7 +73,8 @@ def list_rows(session: Session) -> list[dict[str, Any]]:
     v, m = Variant.__table__.c, Model.__table__.c
     query = (
         select(v.id, v.tag, v.quant_type, v.size, v.bits_per_weight, v.state, v.origin,
-               v.sha256, v.created_at, m.name, m.parameter_count, m.architecture)
+               v.sha256, v.source_ref, v.created_at, m.name, m.parameter_count,
+               m.architecture)
         .join_from(Variant.__table__, Model.__table__, v.model_id == m.id)
         .order_by(m.name, v.tag)
     )
@@ -81,7 +86,9 @@ def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
     out = variant_dict(v)
     out["facts"] = v.facts
     out["recipe"] = v.recipe
-    out["source_ref"] = v.source_ref
+    out["default"] = v.model.default_tag == v.tag
+    out["attachments"] = [{"kind": a.kind, "name": a.name, "sha256": a.blob.sha256,
+                           "size": a.blob.size, "path": a.blob.path} for a in v.attachments]
     lineage: list[str] = []
     parent = v.parent
     while parent is not None and len(lineage) < 32:
@@ -106,28 +113,81 @@ def _variants_query():
     )
 
 
-def resolve(session: Session, ref: str) -> list[Variant]:
-    """Variants a reference names: ``NAME`` (all of a model), ``NAME:TAG``, or ``sha256:PREFIX``."""
+def alias_target(session: Session, name: str) -> str | None:
+    """What a short name stands for: the user's alias, else the built-in one."""
+    user = session.scalar(select(Alias).where(Alias.name == name))
+    return user.reference if user else BUILTIN_ALIASES.get(name)
+
+
+def resolve(session: Session, ref: str, _depth: int = 0) -> list[Variant]:
+    """Variants a reference names: ``NAME`` (all of a model), ``NAME:TAG``, ``sha256:PREFIX``,
+    the reference a variant was pulled with (``hf.co/OWNER/REPO:QUANT``, ``ollama://...``,
+    a URL), or an alias (a name with no model of its own) for any of these."""
     if ref.startswith("sha256:"):
         prefix = ref[len("sha256:") :].lower()
         if not re.fullmatch(r"[0-9a-f]{8,64}", prefix):
             raise QmgrError("a sha256 reference needs at least 8 hex digits", code="bad_ref")
-        query = _variants_query().where(Variant.sha256.startswith(prefix))
-        found = list(session.scalars(query))
+        found = list(session.scalars(_variants_query().where(Variant.sha256.startswith(prefix))))
+    elif "/" in ref:
+        found = _pulled_with(session, ref)
     else:
         name, _, tag = ref.partition(":")
-        query = _variants_query().join(Variant.model).where(Model.name == name.lower())
-        if tag:
-            query = query.where(Variant.tag == tag)
-        found = list(session.scalars(query.order_by(Variant.tag)))
+        found = _by_name(session, name.lower(), tag)
+        target = alias_target(session, name.lower()) if not found and _depth < 4 else None
+        if target is not None:
+            if tag and "/" in target and ":" not in target.rpartition("/")[2]:
+                target = f"{target}:{tag}"  # llama3:Q8_0 -> hf.co/...-GGUF:Q8_0
+            found = _resolve_quietly(session, target, _depth + 1)
     if not found:
         raise NotFound(f"{ref!r} is not in the catalog (see `qmgr list`)")
     return found
 
 
+def _resolve_quietly(session: Session, ref: str, depth: int) -> list[Variant]:
+    try:
+        return resolve(session, ref, depth)
+    except (NotFound, BadReference):
+        return []
+
+
+def _by_name(session: Session, name: str, tag: str) -> list[Variant]:
+    query = _variants_query().join(Variant.model).where(Model.name == name)
+    if tag:
+        query = query.where(Variant.tag == tag)
+    return list(session.scalars(query.order_by(Variant.tag)))
+
+
+def _pulled_with(session: Session, raw: str) -> list[Variant]:
+    """Variants pulled with this source reference (the quant compared without case), or,
+    for a repository without a quant, every variant pulled from it."""
+    ref = parse(raw)
+    if ref.kind == "url":
+        wanted = [redact_url(ref.url or raw)]
+    elif ref.kind == "hf" and not ref.file and not ref.quant:
+        prefix = f"hf.co/{ref.name}:"
+        query = _variants_query().where(Variant.source_ref.startswith(prefix)
+                                        | Variant.source_ref.startswith(f"hf://{ref.name}/"))
+        return list(session.scalars(query.order_by(Variant.tag)))
+    else:
+        wanted = [ref.canonical]
+    query = _variants_query().where(Variant.source_ref.is_not(None))
+    if ref.kind == "hf" and ref.quant:
+        query = query.where(Variant.source_ref.startswith(f"hf.co/{ref.name}:"))
+        return [v for v in session.scalars(query)
+                if (v.source_ref or "").lower() == ref.canonical.lower()]
+    return list(session.scalars(query.where(Variant.source_ref.in_(wanted))))
+
+
 def resolve_one(session: Session, ref: str) -> Variant:
     found = resolve(session, ref)
     if len(found) > 1:
+        # A model's bare name means its default variant, when it has one (Ollama's latest).
+        models = {v.model_id for v in found}
+        if len(models) == 1 and ":" not in ref.rpartition("/")[2]:
+            default = found[0].model.default_tag
+            chosen = [v for v in found if v.tag == default]
+            if chosen:
+                return chosen[0]
         tags = ", ".join(f"{v.model.name}:{v.tag}" for v in found)
         raise Conflict(f"{ref!r} names {len(found)} variants ({tags}): name one of them",
                        code="ambiguous_ref")
@@ -176,9 +236,12 @@ def blobs_only_used_by(session: Session, variants: list[Variant]) -> list[Blob]:
     ids = {v.id for v in variants}
     out = []
     for v in variants:
-        for f in v.files:
+        files: list[VariantFile | Attachment] = [*v.files, *v.attachments]
+        for f in files:
             users = set(session.scalars(
                 select(VariantFile.variant_id).where(VariantFile.blob_id == f.blob_id)
+            )) | set(session.scalars(
+                select(Attachment.variant_id).where(Attachment.blob_id == f.blob_id)
             ))
             if users <= ids and f.blob not in out:
                 out.append(f.blob)

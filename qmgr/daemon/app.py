@@ -114,6 +114,46 @@ def _ref(request: Request) -> str:
     return str(request.path_params["ref"])
 
 
+def client_env(d: Daemon, request: Request) -> dict[str, str]:
+    """The client's settings sent in ``X-Qmgr-Env`` (see :data:`qmgr.settings.FORWARDED_ENV`),
+    to apply to this request's work. A ``QMGR_HOME`` other than this daemon's is refused: the
+    client meant another daemon. On the system service, only its own user (or root) may point
+    it at another endpoint: the catalog it fills is shared."""
+    import json
+
+    from qmgr.settings import COMPARED_ENV, FORWARDED_ENV, SECRET_ENV
+
+    raw = request.headers.get("x-qmgr-env")
+    if not raw:
+        return {}
+    try:
+        sent = json.loads(raw)
+    except ValueError as e:
+        raise QmgrError("the X-Qmgr-Env header is not JSON", code="bad_request") from e
+    if not isinstance(sent, dict) or not all(
+            k in (*FORWARDED_ENV, *COMPARED_ENV) and isinstance(v, str) for k, v in sent.items()):
+        raise QmgrError(f"X-Qmgr-Env may carry only {', '.join(FORWARDED_ENV + COMPARED_ENV)}",
+                        code="bad_request")
+    home = sent.pop("QMGR_HOME", None)
+    if home and Path(home).expanduser().resolve() != d.settings.home.resolve():
+        raise QmgrError(
+            f"the daemon on {d.settings.socket} (pid {os.getpid()}) keeps its data in "
+            f"{d.settings.home}, but your QMGR_HOME is {home}: unset QMGR_HOME to use this "
+            f"daemon, or give {home} a daemon of its own (QMGR_SOCKET=/another/path.sock; the "
+            "next command starts it)", code="other_daemon", http_status=409)
+    who = caller(request.client)
+    if d.settings.system and who is not None and who["uid"] not in (0, os.getuid()):
+        differs = sorted(k for k, v in sent.items()
+                         if k not in SECRET_ENV and os.environ.get(k) != v)
+        if differs:
+            raise QmgrError(
+                f"the system service uses its own {', '.join(differs)} (your environment "
+                f"sets {', '.join(f'{k}={sent[k]}' for k in differs)}): unset it, or ask the "
+                "service's administrator to configure it", code="env_differs",
+                http_status=409)
+    return sent
+
+
 # -- endpoints -------------------------------------------------------------------------------
 
 
@@ -265,15 +305,20 @@ def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
     body = _json_body(request)
     ref, sha = body["ref"], body.get("sha256")
     parse(ref)  # a bad reference fails here, before a job exists
+    from qmgr.settings import SECRET_ENV
+
+    env = request.state.env
     args: dict[str, Any] = {"ref": ref, "insecure": bool(body.get("insecure")),
                             "sha256": sha.lower() if sha else None}
+    if any(k not in SECRET_ENV for k in env):
+        args["env"] = {k: v for k, v in env.items() if k not in SECRET_ENV}
     if body.get("fit"):
         from qmgr.fit.service import FitRequest
 
         req = FitRequest.from_args({**body, "ref": ref})  # bad parameters fail before the job
         args.update(fit=True, ctx=req.ctx, kv_type=req.kv_type, headroom=req.headroom,
                     hw=req.hw)
-    return d.jobs.submit("pull", args)
+    return d.jobs.submit("pull", args, secrets={k: v for k, v in env.items() if k in SECRET_ENV})
 
 
 @endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine, and why "
@@ -285,7 +330,7 @@ def fit(d: Daemon, request: Request) -> dict[str, Any]:
     if not q.get("ref"):
         raise QmgrError("give the reference as ?ref=REF", code="bad_request")
     q["insecure"] = q.get("insecure") in ("1", "true")
-    return d.fitter.fit(FitRequest.from_args(q))[0]
+    return d.puller.with_env(request.state.env).fitter.fit(FitRequest.from_args(q))[0]
 
 
 @endpoint("GET", "/v1/hardware", "Devices (probed, or declared by QMGR_HW / config) and probe "
@@ -301,8 +346,9 @@ def remote_variants(d: Daemon, request: Request) -> dict[str, Any]:
     q = request.query_params
     if not q.get("ref"):
         raise QmgrError("give the reference as ?ref=REF", code="bad_request")
-    return d.puller.describe_remote(q["ref"], insecure=q.get("insecure") in ("1", "true"),
-                                    headers=q.get("headers") not in ("0", "false"))
+    return d.puller.with_env(request.state.env).describe_remote(
+        q["ref"], insecure=q.get("insecure") in ("1", "true"),
+        headers=q.get("headers") not in ("0", "false"))
 
 
 QUANTIZE_BODY = {
@@ -412,8 +458,12 @@ def add_alias(d: Daemon, request: Request) -> dict[str, Any]:
         raise QmgrError(f"alias name {name!r} must be a plain name (no ':' or '/')",
                         code="bad_name")
     if parse(target).kind == "alias":
-        raise QmgrError("an alias must point at a repository, not at another name",
-                        code="bad_ref")
+        # Not a repository: a cataloged variant (llama3:Q4_K_M), kept by its catalog name.
+        with d.catalog.reading() as session:
+            found = queries.resolve_one(session, target)
+            target = f"{found.model.name}:{found.tag}"
+        if target.partition(":")[0] == typed.name:
+            raise QmgrError(f"{name!r} is that model's own name already", code="bad_name")
     with d.catalog.writing() as session:
         alias = session.scalar(select(Alias).where(Alias.name == typed.name))
         if alias is None:
@@ -512,6 +562,7 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
 
 def _route(d: Daemon, e: Endpoint) -> Route:
     async def handle(request: Request) -> Response:
+        request.state.env = client_env(d, request)
         request.state.json = _parse_body(await request.body(), e.body)
         # Catalog work blocks (SQLite, hashing): run it in the thread pool.
         result = await run_in_threadpool(e.handler, d, request)
@@ -534,6 +585,7 @@ async def job_events(d: Daemon, request: Request) -> Response:
 
     from qmgr.daemon.jobs import TERMINAL
 
+    client_env(d, request)
     job_id = request.path_params["job_id"]
     first = await run_in_threadpool(d.jobs.get, job_id)  # 404 before the stream starts
     # progress=0: a client that shows no progress (`-q`, output not a terminal) gets the
@@ -597,6 +649,7 @@ async def generate(d: Daemon, request: Request) -> Response:
 
     from starlette.responses import StreamingResponse
 
+    client_env(d, request)
     body = _parse_body(await request.body(), GENERATE_BODY)
     if ("prompt" in body) == ("messages" in body):
         raise QmgrError("give either 'prompt' or 'messages'", code="bad_request")

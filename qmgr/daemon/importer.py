@@ -17,7 +17,7 @@ from typing import Any
 from qmgr import gguf
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import Origin, Variant, VariantFile, VariantState
+from qmgr.catalog.models import Attachment, Origin, Variant, VariantFile, VariantState
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.fetch.remote import SHARD_RE, strip_quant_suffix
 from qmgr.store import Store, hash_file
@@ -35,6 +35,18 @@ class ShardFile:
     sha256: str = ""
     size: int = 0
     mtime_ns: int = 0
+
+
+@dataclass
+class AttachedFile:
+    """A verified file recorded beside a variant (a vision projector): its kind, its name at
+    the source, where its bytes are."""
+
+    kind: str
+    name: str
+    path: Path
+    sha256: str
+    size: int
 
 
 def model_name_for(path: Path, facts: gguf.ModelFacts) -> str:
@@ -142,11 +154,14 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
 def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
                    facts: dict[str, Any], *, origin: Origin, source_ref: str | None,
                    in_store: bool, tag: str | None = None, parent_id: int | None = None,
-                   recipe: dict[str, Any] | None = None) -> tuple[dict[str, Any], bool]:
+                   recipe: dict[str, Any] | None = None,
+                   attachments: list[AttachedFile] | None = None,
+                   default: bool = False) -> tuple[dict[str, Any], bool]:
     """Catalog verified files as a ready variant of ``model_name`` in one transaction.
 
     The same bytes already cataloged under that model make no second variant; the same bytes
-    under another model share the blob.
+    under another model share the blob. ``attachments`` are recorded beside the variant (one
+    per kind); ``default`` makes it what the model's bare name means.
     """
     quant = tag or facts.get("quant_type") or "unknown"
     with catalog.writing() as session:
@@ -160,6 +175,9 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
                         # Same bytes, re-verified now: remember the current mtime, or the next
                         # start would think the file changed.
                         f.blob.mtime_ns = s.path.stat().st_mtime_ns
+                _attach(session, v, attachments or [], in_store)
+                if default:
+                    model.default_tag = v.tag
                 return queries.variant_dict(v), False
         variant = Variant(
             model=model,
@@ -183,7 +201,23 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
                 mtime_ns=s.path.stat().st_mtime_ns,
             )
             variant.files.append(VariantFile(shard=i, blob=blob))
+        _attach(session, variant, attachments or [], in_store)
+        if default:
+            model.default_tag = variant.tag
         session.flush()
         log.info("cataloged %s:%s (%s, %d bytes)", model.name, variant.tag, source_ref,
                  variant.size)
         return queries.variant_dict(variant), True
+
+
+def _attach(session: Any, variant: Variant, attachments: list[AttachedFile],
+            in_store: bool) -> None:
+    """Record (or replace) a variant's attachments, one per kind."""
+    for f in attachments:
+        blob = queries.get_or_create_blob(session, f.sha256, f.size, str(f.path),
+                                          in_store=in_store, mtime_ns=f.path.stat().st_mtime_ns)
+        current = next((a for a in variant.attachments if a.kind == f.kind), None)
+        if current is None:
+            variant.attachments.append(Attachment(kind=f.kind, name=f.name, blob=blob))
+        else:
+            current.name, current.blob = f.name, blob

@@ -41,10 +41,14 @@ KEEP_FINISHED = 64
 
 
 class JobHandle:
-    def __init__(self, job_id: int, kind: str, arguments: dict[str, Any]):
+    def __init__(self, job_id: int, kind: str, arguments: dict[str, Any],
+                 secrets: dict[str, str] | None = None):
         self.id = job_id
         self.kind = kind
         self.arguments = arguments
+        # What the job needs but its row must not keep (the client's HF_TOKEN): in memory
+        # only, so a job resumed after a restart runs without it.
+        self.secrets = dict(secrets or {})
         self.state: str = JobState.QUEUED
         self.progress: dict[str, Any] = {}
         self.error: str | None = None
@@ -239,7 +243,8 @@ class JobRunner:
     def register(self, kind: str, fn: JobFunction) -> None:
         self.kinds[kind] = fn
 
-    def submit(self, kind: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, kind: str, arguments: dict[str, Any],
+               secrets: dict[str, str] | None = None) -> dict[str, Any]:
         if kind not in self.kinds:
             raise QmgrError(f"unknown job kind {kind!r}", code="bad_request")
         with self.catalog.writing() as session:
@@ -247,7 +252,7 @@ class JobRunner:
             session.add(job)
             session.flush()
             job_id = job.id
-        return self._start(JobHandle(job_id, kind, arguments)).to_dict()
+        return self._start(JobHandle(job_id, kind, arguments, secrets)).to_dict()
 
     def _start(self, handle: JobHandle) -> JobHandle:
         with self.lock:

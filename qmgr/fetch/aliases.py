@@ -1,7 +1,6 @@
-"""Short names for popular model families, and the user's own (``qmgr alias add``).
-
-Each built-in name points at a public GGUF repository that offers the usual quant ladder
-(Q2_K ... Q8_0, mostly with IQ quants too). A user alias of the same name wins.
+"""Short names for popular model families (:data:`qmgr.refs.BUILTIN_ALIASES`), and the
+user's own (``qmgr alias add``). A user alias of the same name wins. A user alias may also
+point at a cataloged variant (``qmgr alias add mine llama3:Q4_K_M``).
 """
 
 from __future__ import annotations
@@ -10,30 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from qmgr.catalog.models import Alias
+from qmgr.catalog.queries import alias_target
 from qmgr.errors import NotFound
-from qmgr.refs import Reference, parse
+from qmgr.refs import BUILTIN_ALIASES, Reference, parse
 
-BUILTIN_ALIASES: dict[str, str] = {
-    "llama3": "hf.co/bartowski/Meta-Llama-3-8B-Instruct-GGUF",
-    "llama3.1": "hf.co/bartowski/Meta-Llama-3.1-8B-Instruct-GGUF",
-    "llama3.2": "hf.co/bartowski/Llama-3.2-3B-Instruct-GGUF",
-    "llama3.2-1b": "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF",
-    "qwen2.5": "hf.co/bartowski/Qwen2.5-7B-Instruct-GGUF",
-    "qwen2.5-coder": "hf.co/bartowski/Qwen2.5-Coder-7B-Instruct-GGUF",
-    "qwen3": "hf.co/unsloth/Qwen3-8B-GGUF",
-    "gemma3": "hf.co/unsloth/gemma-3-4b-it-GGUF",
-    "gemma3-270m": "hf.co/unsloth/gemma-3-270m-it-GGUF",
-    "mistral": "hf.co/bartowski/Mistral-7B-Instruct-v0.3-GGUF",
-    "phi3": "hf.co/bartowski/Phi-3.5-mini-instruct-GGUF",
-    "phi4": "hf.co/bartowski/phi-4-GGUF",
-    "deepseek-r1": "hf.co/bartowski/DeepSeek-R1-Distill-Qwen-7B-GGUF",
-    "deepseek-r1-llama": "hf.co/bartowski/DeepSeek-R1-Distill-Llama-8B-GGUF",
-}
-
-
-def lookup(session: Session, name: str) -> str | None:
-    user = session.scalar(select(Alias).where(Alias.name == name))
-    return user.reference if user else BUILTIN_ALIASES.get(name)
+lookup = alias_target  # what a short name stands for
 
 
 def expand(session: Session, ref: Reference) -> Reference:
@@ -46,7 +26,7 @@ def expand(session: Session, ref: Reference) -> Reference:
                        "repository (hf.co/OWNER/REPO, ollama://MODEL, https://.../FILE.gguf)")
     expanded = parse(target)
     if expanded.kind == "alias":
-        raise NotFound(f"alias {ref.name!r} points at another alias ({target!r})")
+        return expanded  # a cataloged variant (`qmgr alias add mine llama3:Q4_K_M`)
     if ref.quant:
         if expanded.kind == "hf" and not expanded.file:
             expanded = Reference("hf", target, expanded.name, quant=ref.quant)

@@ -8,6 +8,7 @@ dropped as soon as a redirect leaves the host they were meant for.
 from __future__ import annotations
 
 import functools
+import logging
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,9 @@ import httpx
 
 from qmgr import __version__
 from qmgr.errors import QmgrError
+from qmgr.refs import CONTROL_RE, redact_url
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 USER_AGENT = f"qmgr/{__version__}"
@@ -31,6 +35,25 @@ try:
     _http11.HTTP11Connection.READ_NUM_BYTES = 1 << 20
 except (ImportError, AttributeError):  # another httpcore: keep its default
     pass
+
+
+# What to do without the internet, in every error that means "no network".
+OFFLINE_HELP = ("is this machine offline? Pull from a mirror on your network "
+                "(QMGR_HF_ENDPOINT=http://HOST:8787, see `qmgr mirror serve`), catalog a file "
+                "you have (`qmgr import FILE.gguf`), or, behind a proxy, set HTTPS_PROXY in the "
+                "daemon's environment (for the service: `systemctl edit qmgr`)")
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    for marker, said in (("Name or service not known", "no such host"),
+                         ("Temporary failure in name resolution", "name resolution failed"),
+                         ("No address associated", "no such host"),
+                         ("Network is unreachable", "network unreachable"),
+                         ("Connection refused", "connection refused")):
+        if marker in text:
+            return said
+    return text[:120] or type(e).__name__
 
 
 class FetchError(QmgrError):
@@ -71,11 +94,9 @@ def check_scheme(url: str, insecure: bool) -> None:
     raise QmgrError(f"unsupported URL scheme in {redact(url)}", code="bad_url")
 
 
-def redact(url: str) -> str:
-    """A URL fit for logs and error messages: no query string (signed CDN URLs carry tokens)."""
-    u = urlsplit(url)
-    return f"{u.scheme}://{u.netloc.rsplit('@', 1)[-1]}{u.path}"
 
+
+redact = redact_url  # the name the fetch modules know it by
 
 REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -105,12 +126,18 @@ def request(client: httpx.Client, method: str, url: str, headers: dict[str, str]
         try:
             response = client.send(client.build_request(method, url, headers=headers),
                                    stream=stream)
+        except httpx.ConnectTimeout as e:
+            raise FetchError(f"{redact(url)}: no answer to the connection ({OFFLINE_HELP})",
+                             code="unreachable") from e
         except httpx.TimeoutException as e:
             raise FetchError(f"{redact(url)}: timed out ({type(e).__name__})") from e
         except httpx.HTTPError as e:
             if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):
                 raise FetchError(f"{redact(url)}: the server does not speak https; pass "
                                  "--insecure for a registry on your own network") from e
+            if isinstance(e, httpx.ConnectError) and "SSL" not in str(e):
+                raise FetchError(f"cannot reach {urlsplit(url).netloc} ({_reason(e)}): "
+                                 f"{OFFLINE_HELP}", code="unreachable") from e
             raise FetchError(f"{redact(url)}: {type(e).__name__}: {e}") from e
         if response.status_code in REDIRECTS and "location" in response.headers:
             response.close()
@@ -135,6 +162,8 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
                             "repository set HF_TOKEN", code="unauthorized", http_status=403)
         if r.status_code == 404:
             raise QmgrError(f"{redact(url)}: not found", code="not_found", http_status=404)
+        if r.status_code == 503 and "retry-after" in r.headers:
+            raise Busy(f"{redact(url)}: {_said(r) or 'busy'}", _seconds(r.headers["retry-after"]))
         if r.status_code >= 400:
             raise FetchError(f"{redact(url)}: HTTP {r.status_code}")
         body = bytearray()
@@ -146,6 +175,34 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
             return json.loads(body), r.headers
         except ValueError as e:
             raise FetchError(f"{redact(url)}: answer is not JSON") from e
+
+
+class Busy(FetchError):
+    """503 with ``Retry-After``: the server is up but not ready (a mirror still hashing)."""
+
+    code = "registry_busy"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _seconds(value: str) -> float:
+    return float(value) if value.strip().isdigit() else 5.0
+
+
+def _said(r: httpx.Response) -> str:
+    """The one-line message of a JSON error answer (``{"error": "..."}``), if there is one."""
+    import json
+
+    try:
+        r.read()
+        err = json.loads(r.content[:4096]).get("error")
+    except (ValueError, AttributeError, httpx.HTTPError):
+        return ""
+    text = err if isinstance(err, str) else (err or {}).get("message", "")
+    return CONTROL_RE.sub("?", str(text))[:300]
 
 
 def next_link(headers: httpx.Headers) -> str | None:

@@ -8,8 +8,10 @@ verified), check each header with qmgr's bounded reader, and only then catalog t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,17 @@ from typing import Any
 from sqlalchemy import select
 
 from qmgr import gguf
+from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Blob, Origin, Variant, VariantState
-from qmgr.daemon.importer import ShardFile, combined_facts, record_variant
+from qmgr.daemon.importer import AttachedFile, ShardFile, combined_facts, record_variant
 from qmgr.daemon.jobs import JobHandle
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.fetch import aliases
-from qmgr.fetch.download import Download, Options
-from qmgr.fetch.http import make_client
-from qmgr.fetch.remote import RemoteVariant
-from qmgr.fetch.source import FetchContext, Source
+from qmgr.fetch.download import Cancelled, Download, Options
+from qmgr.fetch.http import Busy, make_client
+from qmgr.fetch.remote import Listing, RemoteFile, RemoteVariant
+from qmgr.fetch.source import FetchContext, Source, listing_of
 from qmgr.plugins import PluginSet
 from qmgr.refs import Reference, parse
 from qmgr.store import Store
@@ -75,6 +78,19 @@ class Puller:
         raise QmgrError(f"no source plugin handles {ref.kind} references (see `qmgr plugins`)",
                         code="no_source")
 
+    def with_env(self, env: dict[str, str] | None) -> Puller:
+        """This puller for one request: the client's settings (its ``QMGR_HF_ENDPOINT``,
+        ``HF_TOKEN``...) over the daemon's."""
+        if not env:
+            return self
+        clone = dataclasses.replace(self, env={**self.env, **env})
+        if self.fitter is not None:
+            clone.fitter = type(self.fitter)(clone, self.fitter.settings)
+        return clone
+
+    def listing(self, ref: Reference, ctx: FetchContext) -> Listing:
+        return listing_of(self.source_for(ref), ref, ctx)
+
     def describe_remote(self, raw: str, insecure: bool = False,
                         headers: bool = True) -> dict[str, Any]:
         """What a reference's source offers; with ``headers``, each variant's first header is
@@ -82,12 +98,14 @@ class Puller:
         from qmgr.fetch.remote_header import remote_facts
 
         _typed, ref = self.resolve(raw)
+        if ref.kind == "alias":
+            raise QmgrError(f"{raw!r} stands for the cataloged {ref.raw}: `qmgr show {ref.raw}`",
+                            code="bad_ref")
         with make_client(self.stall_timeout(), self.env.get("QMGR_CA_BUNDLE")) as client:
             ctx = FetchContext(client, insecure=insecure, env=self.env)
-            offered = self.source_for(ref).variants(ref, ctx)
-            rows = []
-            for v in offered:
-                row = v.to_dict()
+            listing = self.listing(ref, ctx)
+            out = listing.to_dict()
+            for v, row in zip(listing.variants, out["variants"], strict=True):
                 first = v.files[0]
                 if headers and first.size is not None:
                     try:
@@ -99,13 +117,17 @@ class Puller:
                             row["quant"] = facts.quant_type
                     except QmgrError as e:
                         row["header_error"] = e.message
-                rows.append(row)
-        return {"ref": ref.canonical, "variants": rows}
+        return {"ref": ref.canonical, **out}
 
     @staticmethod
-    def choose(ref: Reference, offered: list[RemoteVariant]) -> RemoteVariant:
+    def choose(ref: Reference, offered: list[RemoteVariant] | Listing) -> RemoteVariant:
+        listing = offered if isinstance(offered, Listing) else Listing(offered)
+        offered = listing.variants
+        refused = [s for s in listing.skipped if s.refused]
         if not offered:
-            raise QmgrError(f"{ref.canonical} offers no GGUF files", code="not_found",
+            why = f" (refused: {'; '.join(f'{s.name}: {s.why}' for s in refused)})" \
+                if refused else ""
+            raise QmgrError(f"{ref.canonical} offers no GGUF model files{why}", code="not_found",
                             http_status=404)
         if ref.kind in ("url", "ollama") or ref.file:
             return offered[0]
@@ -119,6 +141,11 @@ class Puller:
                 raise QmgrError(f"{ref.canonical} has {len(matches)} {ref.quant} files ({files}): "
                                 f"name one, e.g. hf://{ref.name}/{matches[0].files[0].name}",
                                 code="ambiguous_ref")
+            bad = [s for s in refused if s.quant and s.quant.upper() == ref.quant.upper()]
+            if bad:
+                raise QmgrError(f"{ref.canonical}: the registry's listing of the {ref.quant} file "
+                                f"cannot be trusted: {bad[0].name}: {bad[0].why}",
+                                code="bad_registry", http_status=502)
             raise QmgrError(f"{ref.canonical} has no {ref.quant} variant; it offers: {names}",
                             code="not_found", http_status=404)
         if len(offered) == 1:
@@ -154,9 +181,22 @@ class Puller:
         return candidate if candidate.is_file() else None
 
     def run(self, handle: JobHandle) -> dict[str, Any]:
+        """The pull job, with the settings the client sent (``env`` in its arguments, secrets
+        on the handle) over the daemon's."""
+        env = {**(handle.arguments.get("env") or {}), **handle.secrets}
+        return self.with_env(env)._run(handle)
+
+    def _run(self, handle: JobHandle) -> dict[str, Any]:
         args = handle.arguments
         typed, ref = self.resolve(args["ref"])
+        if ref.kind == "alias":  # an alias of a cataloged variant: nothing to fetch
+            with self.catalog.reading() as session:
+                variant = queries.variant_dict(queries.resolve_one(session, ref.raw))
+            handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
+            return {"variant": variant, "downloaded": 0}
         model_name = typed.name if typed.kind == "alias" else None
+        # Pulled without naming a quant (`pull llama3 --fit`): the bare name means this one.
+        default = not typed.quant and not ref.file
         handle.update(phase="resolving", ref=ref.canonical)
         if ref.quant and ref.kind == "hf" and not ref.file and not args.get("fit"):
             cached = self.cached(ref.canonical)
@@ -184,46 +224,90 @@ class Puller:
             if decision is not None:
                 chosen = remote[decision["pick_source_ref"]]
             else:
-                chosen = self.choose(ref, self.source_for(ref).variants(ref, ctx))
-            total = chosen.size
+                chosen = self.choose(ref, self._listing_when_ready(ref, ctx, handle))
+            progress = _Counter(handle, 0)
+            extra = [f for _kind, f in chosen.attachments]
+            total = sum(f.size or 0 for f in [*chosen.files, *extra]) if chosen.size else None
             handle.update(phase="downloading", quant=chosen.quant, total=total, done=0)
             shards: list[ShardFile] = []
-            fresh: list[Path] = []
-            done_before = 0
-            downloaded = 0
-            for remote in chosen.files:
-                path = self.have_blob(remote.sha256) if remote.sha256 else None
-                if path is None:
-                    counter = _Counter(handle, done_before)
-                    dl = Download(client, self.store, remote, self.options(insecure),
-                                  progress=counter, cancel=handle.cancel)
-                    counter.done += dl.bytes_on_disk(remote.size) if remote.size else 0
-                    handle.update(file=remote.name, done=counter.done)
-                    try:
-                        sha, size, path = dl.run()
-                    except BaseException:
-                        if handle.cancel_reason == "user":
-                            dl.discard()
-                        raise
-                    downloaded += counter.received
-                    fresh.append(path)
-                else:
-                    log.info("%s: bytes already in the store (%s)", remote.name, path.name)
-                done_before += path.stat().st_size
-                handle.update(done=done_before)
-                shards.append(ShardFile(path, _inspect(path, remote.name, fresh)))
-                shards[-1].sha256 = path.name.removeprefix("sha256-") if path.name.startswith(
-                    "sha256-") else (remote.sha256 or "")
+            for remote_file in chosen.files:
+                path, fresh = self._fetch(client, remote_file, insecure, handle, progress)
+                shards.append(ShardFile(path, _inspect(path, remote_file.name, fresh)))
+                shards[-1].sha256 = _digest_of(path, remote_file)
                 shards[-1].size = path.stat().st_size
+            attached = []
+            for kind, remote_file in chosen.attachments:
+                path, fresh = self._fetch(client, remote_file, insecure, handle, progress)
+                _check_attachment(path, remote_file.name, fresh)
+                attached.append(AttachedFile(kind, remote_file.name, path,
+                                             _digest_of(path, remote_file), path.stat().st_size))
         if any(not s.sha256 for s in shards):
             raise QmgrError("internal: a file without a digest", code="internal")
         handle.update(phase="cataloging")
         variant, created = record_variant(
             self.catalog, model_name or chosen.model_name, shards, combined_facts(shards),
             origin=Origin.PULLED, source_ref=chosen.source_ref, in_store=True,
-            tag=chosen.quant if ref.kind != "ollama" else None)
-        handle.update(phase="done", done=done_before, downloaded=downloaded)
-        return {"variant": variant, "downloaded": downloaded, "decision": decision}
+            tag=chosen.quant if ref.kind != "ollama" else None, attachments=attached,
+            default=default)
+        handle.update(phase="done", done=progress.done, downloaded=progress.received)
+        return {"variant": variant, "downloaded": progress.received, "decision": decision}
+
+    def _listing_when_ready(self, ref: Reference, ctx: FetchContext,
+                            handle: JobHandle) -> Listing:
+        """The listing, waiting (as the job's phase says) while the registry answers that it
+        is busy (a mirror still hashing its files): up to ``QMGR_BUSY_WAIT`` seconds."""
+        deadline = time.monotonic() + float(self.env.get("QMGR_BUSY_WAIT", 600))
+        while True:
+            try:
+                return self.listing(ref, ctx)
+            except Busy as e:
+                pause = min(max(e.retry_after, 0.5), 30.0)
+                if time.monotonic() + pause > deadline:
+                    raise
+                handle.update(phase="waiting", message=e.message)
+                if handle.cancel.wait(pause):
+                    raise Cancelled("cancelled while waiting for the registry") from None
+                handle.update(phase="listing")
+
+    def _fetch(self, client: Any, remote: RemoteFile, insecure: bool, handle: JobHandle,
+               progress: _Counter) -> tuple[Path, bool]:
+        """One file into the store (or found there by its digest): (path, downloaded now)."""
+        path = self.have_blob(remote.sha256) if remote.sha256 else None
+        fresh = path is None
+        if path is None:
+            dl = Download(client, self.store, remote, self.options(insecure),
+                          progress=progress, cancel=handle.cancel)
+            progress.done += dl.bytes_on_disk(remote.size) if remote.size else 0
+            handle.update(file=remote.name, done=progress.done)
+            try:
+                _sha, _size, path = dl.run()
+            except BaseException:
+                if handle.cancel_reason == "user":
+                    dl.discard()
+                raise
+        else:
+            log.info("%s: bytes already in the store (%s)", remote.name, path.name)
+            progress.done += path.stat().st_size
+        handle.update(done=progress.done)
+        return path, fresh
+
+
+def _digest_of(path: Path, remote: RemoteFile) -> str:
+    """A store file's sha256: its name says it (``sha256-HEX``), else the registry's."""
+    name = path.name
+    return name.removeprefix("sha256-") if name.startswith("sha256-") else (remote.sha256 or "")
+
+
+def _check_attachment(path: Path, name: str, fresh: bool) -> None:
+    """An attachment is a GGUF file too (a projector): read its header with the bounded
+    reader before it is recorded."""
+    try:
+        gguf.read_header(path)
+    except GGUFError as e:
+        if fresh:
+            path.unlink(missing_ok=True)
+        raise GGUFError(f"{name}: downloaded bytes match the registry's digest but are not a "
+                        f"GGUF file: {e.message}") from e
 
 
 def _model_of(puller: Puller, source_ref: str) -> str:
@@ -232,11 +316,11 @@ def _model_of(puller: Puller, source_ref: str) -> str:
         return v.model.name if v else "model"
 
 
-def _inspect(path: Path, name: str, fresh: list[Path]) -> gguf.ModelFacts:
+def _inspect(path: Path, name: str, fresh: bool) -> gguf.ModelFacts:
     try:
         return gguf.inspect(path)
     except GGUFError as e:
-        if path in fresh:
+        if fresh:
             path.unlink(missing_ok=True)  # verified bytes of something that is not a model
         raise GGUFError(f"{name}: downloaded bytes match the registry's digest but are not a "
                         f"usable GGUF file: {e.message}") from e
@@ -245,7 +329,7 @@ def _inspect(path: Path, name: str, fresh: list[Path]) -> gguf.ModelFacts:
 class _Counter:
     """Turns a download's byte increments into job progress."""
 
-    def __init__(self, handle: JobHandle, start: int):
+    def __init__(self, handle: JobHandle, start: int = 0):
         self.handle = handle
         self.done = start
         self.received = 0

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import httpx
 
-from qmgr.fetch.remote import RemoteVariant
+from qmgr.fetch.remote import Listing, RemoteVariant
 from qmgr.refs import Reference
 
 
@@ -34,3 +34,15 @@ class Source(Protocol):
         """Everything the reference's repository offers, one entry per variant (shards
         grouped), with sizes and sha256 digests where the registry gives them."""
         ...
+
+
+def listing_of(source: Source, ref: Reference, ctx: FetchContext) -> Listing:
+    """What a source offers for a reference. A source may define ``listing(ref, ctx)`` to say
+    what else the repository holds (projectors, extras, entries it skipped); one that only
+    has ``variants`` offers just those."""
+    listing = getattr(source, "listing", None)
+    if callable(listing):
+        found = listing(ref, ctx)
+        if isinstance(found, Listing):
+            return found
+    return Listing(source.variants(ref, ctx))
