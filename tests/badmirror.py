@@ -20,6 +20,12 @@ from qmgr import mirror
 class BadHandler(mirror.Handler):
     server: BadMirror
 
+    def _dispatch(self, head: bool) -> None:
+        with self.server.stats_lock:  # what each request carried, for tests of credentials
+            self.server.behavior.setdefault("log", []).append(
+                {"method": self.command, "path": self.path, "headers": dict(self.headers)})
+        super()._dispatch(head)
+
     def _resolve(self, owner: str, repo: str, rev: str, rel: str, head: bool) -> None:
         b = self.server.behavior
         if b.get("redirect_to") and not head:
@@ -88,10 +94,25 @@ class BadHandler(mirror.Handler):
                 time.sleep(len(data) / rate)
 
     def _tree(self, owner: str, repo: str, rev: str, sub: str, query: Any, head: bool) -> None:
-        rewrite = self.server.behavior.get("tree")
+        import json
+
+        b = self.server.behavior
+        with self.server.stats_lock:
+            busy = b.get("busy", 0) > 0
+            if busy:
+                b["busy"] -= 1
+        if busy:  # a server up but not ready, as qmgr's mirror while it hashes
+            body = json.dumps({"error": "hashing 1 of 2 files"}).encode()
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        rewrite = b.get("tree")
         if rewrite is None:
             return super()._tree(owner, repo, rev, sub, query, head)
-        import json
 
         body = json.dumps(rewrite).encode()
         self.send_response(200)

@@ -3,7 +3,10 @@
 ``GET /v2/{namespace}/{model}/manifests/{tag}`` gives the layers; the layer of media type
 ``application/vnd.ollama.image.model`` is the GGUF file, fetched by digest from
 ``/v2/{namespace}/{model}/blobs/{digest}`` with ``Range``. The config blob names the quant type.
-https by default; ``--insecure`` allows plain http for a registry on the local network.
+A vision model's ``application/vnd.ollama.image.projector`` layer is its projector, pulled with
+it; the template, params, system and license layers are text qmgr does not need (the GGUF
+header has the chat template). https by default; ``--insecure`` allows plain http for a
+registry on the local network.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from qmgr.refs import Reference
 from qmgr.store import SHA256_RE
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
+PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
 MANIFEST_TYPES = ", ".join([
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.oci.image.manifest.v1+json",
@@ -63,7 +67,19 @@ class OllamaSource:
         model = ref.name.split("/", 1)[1]
         name = model_name_from(model if ref.quant == "latest" else f"{model}-{ref.quant}")
         file = RemoteFile(f"{model}-{ref.quant}.gguf", f"{base}/blobs/sha256:{sha}", size, sha)
-        return [RemoteVariant(quant, [file], ref.canonical, name)]
+        attachments = []
+        projectors = [x for x in layers if isinstance(x, dict)
+                      and x.get("mediaType") == PROJECTOR_LAYER]
+        if projectors:
+            p_sha = _digest(ref, projectors[0].get("digest"))
+            p_size = projectors[0].get("size")
+            if not isinstance(p_size, int) or p_size <= 0:
+                raise QmgrError(f"{ref.canonical}: bad projector layer size {p_size!r}",
+                                code="bad_registry")
+            attachments.append(("projector", RemoteFile(
+                f"{model}-{ref.quant}-mmproj.gguf", f"{base}/blobs/sha256:{p_sha}", p_size,
+                p_sha)))
+        return [RemoteVariant(quant, [file], ref.canonical, name, attachments)]
 
 
 @hookimpl

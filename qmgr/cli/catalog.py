@@ -31,12 +31,16 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         click.echo("No models yet: `qmgr import FILE.gguf` or `qmgr watch add DIR`.", err=True)
         return
     rows = [
-        [v["ref"], v["quant_type"] or "-", human_size(v["size"]),
-         f"{v['bits_per_weight']:.2f}" if v["bits_per_weight"] else "-",
-         human_count(v["parameter_count"]), v["architecture"] or "-", v["state"], v["origin"]]
+        [v["ref"] + (" *" if v.get("default") else ""), v["quant_type"] or "-",
+         human_size(v["size"]), f"{v['bits_per_weight']:.2f}" if v["bits_per_weight"] else "-",
+         human_count(v["parameter_count"]), v["architecture"] or "-", v["state"],
+         v.get("source_ref") or v["origin"]]
         for v in variants
     ]
-    click.echo(table(rows, ["NAME", "QUANT", "SIZE", "BPW", "PARAMS", "ARCH", "STATE", "ORIGIN"]))
+    click.echo(table(rows, ["NAME", "QUANT", "SIZE", "BPW", "PARAMS", "ARCH", "STATE", "SOURCE"]))
+    defaults = [v["model"] for v in variants if v.get("default")]
+    if defaults and sys.stderr.isatty():
+        click.echo(f"* what the bare name means (`qmgr run {defaults[0]}`)", err=True)
 
 
 FACT_LABELS = [
@@ -72,11 +76,15 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
         return
     facts = v.get("facts") or {}
     lines = [
-        ("ref", v["ref"]), ("state", v["state"]), ("origin", v["origin"]),
+        ("ref", v["ref"] + (f" (what `{v['model']}` means)" if v.get("default") else "")),
+        ("state", v["state"]), ("origin", v["origin"]),
+        ("source", v.get("source_ref") or "-"),
         ("size", f"{human_size(v['size'])} ({v['size']} bytes)"), ("sha256", v["sha256"]),
     ]
     lines += [("file" if len(v["paths"]) == 1 else f"shard {i + 1}", p)
               for i, p in enumerate(v["paths"])]
+    lines += [(a["kind"], f"{a['path']} ({a['name']}, {human_size(a['size'])})")
+              for a in v.get("attachments") or []]
     lines += [(label, _fmt(facts[key])) for key, label in FACT_LABELS
               if facts.get(key) is not None]
     width = max(len(k) for k, _ in lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -36,6 +37,27 @@ def _bar(job: dict[str, Any], width: int = 28) -> str:
             f"{human_size(done)} / {human_size(total)}{rate}{eta}")
 
 
+def _columns() -> int:
+    """The terminal's width now (it may be resized while a pull runs)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 80
+
+
+def progress_line(label: str, job: dict[str, Any], columns: int) -> str:
+    """One line of progress that fits ``columns``: a line that wraps leaves a stale copy
+    behind at every redraw, as ``\r`` only goes back to the start of the last row. The bar
+    narrows first, then the label loses its middle, then goes; then the end is cut."""
+    room = max(columns - 1, 10)
+    short = label if len(label) <= 24 else label[:10] + "..." + label[-11:]
+    for text in (f"{label}  {_bar(job, 28)}", f"{label}  {_bar(job, 10)}",
+                 f"{short}  {_bar(job, 10)}", _bar(job, 10)):
+        if len(text) <= room:
+            return text
+    return _bar(job, 0)[:room]
+
+
 def follow(ctx: click.Context, job: dict[str, Any], *, as_json: bool, quiet: bool,
            label: str) -> dict[str, Any]:
     """Show a job's events until it ends; returns its final state. Ctrl-C asks whether to
@@ -56,7 +78,8 @@ def follow(ctx: click.Context, job: dict[str, Any], *, as_json: bool, quiet: boo
                 continue
             phase = (event.get("progress") or {}).get("phase")
             if tty and (time.monotonic() - last_draw > 0.1 or event["state"] != "running"):
-                click.echo(f"\r{label}  {_bar(event)}\x1b[K", nl=False, err=True)
+                click.echo("\r" + progress_line(label, event, _columns()) + "\x1b[K", nl=False,
+                           err=True)
                 last_draw = time.monotonic()
             elif not tty and not quiet and phase != last_phase and phase:
                 click.echo(f"{label}: {phase}", err=True)
@@ -164,6 +187,20 @@ def variants(ctx: click.Context, ref: str, insecure: bool, no_headers: bool,
              str(len(v["files"])), (v["sha256"] or "-")[:16]] for v in out["variants"]]
     click.echo(f"{out['ref']}", err=True)
     click.echo(table(rows, ["QUANT", "SIZE", "BPW", "FILES", "SHA256"]))
+    projectors = out.get("projectors") or []
+    if projectors:
+        pulled = (out["variants"][0].get("attachments") or [{}])[0].get("name") \
+            if out["variants"] else None
+        click.echo("vision projectors (pulled with the model): " + ", ".join(
+            p["name"] + (" (this one)" if p["name"] == pulled else "") for p in projectors),
+            err=True)
+    extras, skipped = out.get("extras") or [], out.get("skipped") or []
+    if extras:
+        click.echo(f"{len(extras)} other files (not fetched): "
+                   + ", ".join(e["name"] for e in extras[:6])
+                   + (", ..." if len(extras) > 6 else ""), err=True)
+    for s in skipped:
+        click.echo(f"skipped {s['name']}: {s['why']}", err=True)
 
 
 @cli.command(name="jobs")
