@@ -51,6 +51,7 @@ def _row(v: Any, m: Any, paths: list[str]) -> dict[str, Any]:
         "origin": v.origin,
         "sha256": v.sha256,
         "source_ref": v.source_ref,
+        "default": m.default_tag == v.tag,
         "paths": paths,
         "created_at": v.created_at.isoformat(),
     }
@@ -74,7 +75,7 @@ def list_rows(session: Session) -> list[dict[str, Any]]:
     query = (
         select(v.id, v.tag, v.quant_type, v.size, v.bits_per_weight, v.state, v.origin,
                v.sha256, v.source_ref, v.created_at, m.name, m.parameter_count,
-               m.architecture)
+               m.architecture, m.default_tag)
         .join_from(Variant.__table__, Model.__table__, v.model_id == m.id)
         .order_by(m.name, v.tag)
     )
@@ -86,7 +87,6 @@ def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
     out = variant_dict(v)
     out["facts"] = v.facts
     out["recipe"] = v.recipe
-    out["default"] = v.model.default_tag == v.tag
     out["attachments"] = [{"kind": a.kind, "name": a.name, "sha256": a.blob.sha256,
                            "size": a.blob.size, "path": a.blob.path} for a in v.attachments]
     lineage: list[str] = []
