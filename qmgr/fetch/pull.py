@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,10 @@ class Puller:
     plugins: PluginSet
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     fitter: Any = None  # qmgr.fit.service.Fitter, for `pull --fit`
+    # One download per file at a time (by expected digest, else by URL), shared by every
+    # per-request copy of this puller: a second pull of the same bytes waits for the first
+    # and then finds them in the store, instead of writing the same partial file.
+    fetching: _FileLocks = field(default_factory=lambda: _FileLocks())
 
     def options(self, insecure: bool) -> Options:
         e = self.env
@@ -272,6 +279,11 @@ class Puller:
     def _fetch(self, client: Any, remote: RemoteFile, insecure: bool, handle: JobHandle,
                progress: _Counter) -> tuple[Path, bool]:
         """One file into the store (or found there by its digest): (path, downloaded now)."""
+        with self.fetching.hold(remote.sha256 or f"url:{remote.url}", handle):
+            return self._fetch_alone(client, remote, insecure, handle, progress)
+
+    def _fetch_alone(self, client: Any, remote: RemoteFile, insecure: bool, handle: JobHandle,
+                     progress: _Counter) -> tuple[Path, bool]:
         path = self.have_blob(remote.sha256) if remote.sha256 else None
         fresh = path is None
         if path is None:
@@ -324,6 +336,41 @@ def _inspect(path: Path, name: str, fresh: bool) -> gguf.ModelFacts:
             path.unlink(missing_ok=True)  # verified bytes of something that is not a model
         raise GGUFError(f"{name}: downloaded bytes match the registry's digest but are not a "
                         f"usable GGUF file: {e.message}") from e
+
+
+class _FileLocks:
+    """A lock per key, made on demand and forgotten when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.held: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, key: str, handle: JobHandle) -> Iterator[None]:
+        with self.lock:
+            lock, users = self.held.get(key, (threading.Lock(), 0))
+            self.held[key] = (lock, users + 1)
+        try:
+            waited = False
+            while not lock.acquire(timeout=0.2):
+                if not waited:
+                    handle.update(phase="waiting", message="another pull is fetching this file")
+                    waited = True
+                if handle.cancel.is_set():
+                    raise Cancelled("cancelled while another pull fetched the same file")
+            if waited:
+                handle.update(phase="downloading", message=None)
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            with self.lock:
+                lock, users = self.held[key]
+                if users == 1:
+                    del self.held[key]
+                else:
+                    self.held[key] = (lock, users - 1)
 
 
 class _Counter:
