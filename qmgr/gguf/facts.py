@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -89,12 +90,66 @@ def _heads(value: int | list[int] | None) -> int | None:
     return value
 
 
+# What sense allows, far beyond any model there is: a header is untrusted input, and these
+# counts size what qmgr allocates and loops over (the estimator makes per-layer lists).
+MAX_BLOCKS = 4096  # the deepest published models have ~128 layers
+MAX_HEADS = 1 << 16
+MAX_WIDTH = 1 << 22  # embedding and feed-forward lengths, head sizes
+MAX_CONTEXT = 1 << 28  # 268M tokens; the longest claimed today is 10M
+MAX_SPLITS = 99_999  # gguf-split numbers its files with five digits
+MAX_FILE_TYPE = 1 << 16
+
+
+def _bounded(meta: dict[str, Any], key: str, value: Any, low: int, high: int) -> None:
+    """Refuse a count the file cannot mean (each element of a per-layer list too)."""
+    for v in value if isinstance(value, list) else [value]:
+        if v is not None and not low <= v <= high:
+            raise GGUFError(f"metadata key {key!r} is {v}, outside what a model can have "
+                            f"({low} to {high}): the header is damaged or crafted")
+
+
+def _check_counts(meta: dict[str, Any], header: GGUFHeader, prefix: str) -> None:
+    blocks = _int(meta, prefix + "block_count")
+    split_count = _int(meta, "split.count")
+    total_tensors = _int(meta, "split.tensors.count")
+    _bounded(meta, "split.count", split_count, 1, MAX_SPLITS)
+    _bounded(meta, "split.no", _int(meta, "split.no"), 0, (split_count or 1) - 1)
+    if total_tensors is not None:
+        _bounded(meta, "split.tensors.count", total_tensors, len(header.tensors), 1 << 24)
+    # Every block holds at least one tensor: a whole file cannot have more blocks than tensors.
+    most = total_tensors if total_tensors is not None else (
+        len(header.tensors) if not split_count or split_count == 1 else MAX_BLOCKS)
+    _bounded(meta, prefix + "block_count", blocks, 0, min(MAX_BLOCKS, max(most, 1)))
+    for key in ("attention.head_count", "attention.head_count_kv"):
+        value = _int_or_list(meta, prefix + key)
+        _bounded(meta, prefix + key, value, 0, MAX_HEADS)
+        if isinstance(value, list) and blocks is not None and len(value) > max(blocks, 1):
+            raise GGUFError(f"metadata key {prefix + key!r} lists {len(value)} layers, the "
+                            f"model has {blocks}")
+    for key in ("embedding_length", "feed_forward_length", "attention.key_length",
+                "attention.value_length", "attention.sliding_window"):
+        _bounded(meta, prefix + key, _int_or_list(meta, prefix + key), 0, MAX_WIDTH)
+    _bounded(meta, prefix + "context_length", _int(meta, prefix + "context_length"), 0,
+             MAX_CONTEXT)
+    _bounded(meta, "general.file_type", _int(meta, "general.file_type"), 0, MAX_FILE_TYPE)
+
+
+def _finite(value: Any) -> Any:
+    """A value fit for JSON: NaN and infinities (which a crafted header may hold) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def facts_from_header(header: GGUFHeader) -> ModelFacts:
     meta = header.metadata
     arch = _str(meta, "general.architecture")
     # Without an architecture there are no architecture-scoped keys to look up.
     scoped = meta if arch else {}
     prefix = f"{arch}."
+    _check_counts(meta, header, prefix)
 
     counts: dict[str, int] = {}
     nbytes: dict[str, int] = {}
@@ -145,7 +200,7 @@ def facts_from_header(header: GGUFHeader) -> ModelFacts:
         key_length=key_length if key_length is not None else default_head_dim,
         value_length=value_length if value_length is not None else default_head_dim,
         sliding_window=_int(scoped, prefix + "attention.sliding_window"),
-        sliding_window_pattern=scoped.get(prefix + "attention.sliding_window_pattern"),
+        sliding_window_pattern=_finite(scoped.get(prefix + "attention.sliding_window_pattern")),
         vocab_size=vocab_size,
         split_no=_int(meta, "split.no"),
         split_count=_int(meta, "split.count"),
