@@ -12,6 +12,9 @@ answers the two endpoints an Ollama client uses:
 
 It misbehaves on request, per model (see :meth:`OCIRegistry.add_model`): a manifest that names
 the model layer by a malformed digest, or a model blob whose bytes do not match its digest.
+:meth:`OCIRegistry.add_layers` serves any list of layers (projector, params, system...), and
+``blob_redirect`` makes blob requests a 307 to another server, as registry.ollama.ai sends
+them to its storage (``tests/hubreplay.py``'s ``OllamaReplay`` uses both).
 ``bytes_sent`` counts body bytes served (``blob_bytes_sent`` per blob digest) and ``requests``
 records (method, path, headers) of every request.
 """
@@ -22,6 +25,7 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +36,9 @@ CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 MODEL_TYPE = "application/vnd.ollama.image.model"
 TEMPLATE_TYPE = "application/vnd.ollama.image.template"
 LICENSE_TYPE = "application/vnd.ollama.image.license"
+PROJECTOR_TYPE = "application/vnd.ollama.image.projector"
+PARAMS_TYPE = "application/vnd.ollama.image.params"
+SYSTEM_TYPE = "application/vnd.ollama.image.system"
 
 _NAME = r"[a-z0-9][a-z0-9._-]*"
 _MANIFEST_PATH = re.compile(rf"^/v2/({_NAME})/({_NAME})/manifests/([A-Za-z0-9_][A-Za-z0-9._-]*)$")
@@ -55,7 +62,10 @@ class Pushed:
 class OCIRegistry(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, blob_redirect: Callable[[str, str, str], str] | None = None) -> None:
+        """``blob_redirect(namespace, model, digest_hex)``: where a blob request is sent (307)
+        instead of being served here."""
+        self.blob_redirect = blob_redirect
         self.manifests: dict[tuple[str, str, str], bytes] = {}
         self.blobs: dict[tuple[str, str, str], bytes] = {}  # (ns, model, hex) -> bytes
         self.corrupt: set[str] = set()  # digests served with wrong bytes of the right length
@@ -120,6 +130,26 @@ class OCIRegistry(ThreadingHTTPServer):
         self.manifests[(namespace, model, tag)] = json.dumps(manifest).encode()
         return Pushed(manifest, sha, len(data), config)
 
+    def add_layers(self, namespace: str, model: str, tag: str,
+                   layers: Sequence[tuple[str, bytes]], config: dict[str, Any]) -> dict[str, Any]:
+        """Serve ``namespace/model:tag`` as a manifest of ``layers`` (media type, bytes), in that
+        order, with ``config`` as its config blob (``rootfs.diff_ids`` set to the layers')."""
+        digests = [f"sha256:{sha256_hex(data)}" for _media, data in layers]
+        config = {**config, "rootfs": {"type": "layers", "diff_ids": digests}}
+        config_bytes = json.dumps(config).encode()
+        for _media, data in [*layers, ("config", config_bytes)]:
+            self.blobs[(namespace, model, sha256_hex(data))] = data
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": CONFIG_TYPE, "digest": f"sha256:{sha256_hex(config_bytes)}",
+                       "size": len(config_bytes)},
+            "layers": [{"mediaType": media, "digest": digest, "size": len(data)}
+                       for (media, data), digest in zip(layers, digests, strict=True)],
+        }
+        self.manifests[(namespace, model, tag)] = json.dumps(manifest).encode()
+        return manifest
+
     def paths_requested(self) -> list[str]:
         with self.lock:
             return [path for _method, path, _headers in self.requests]
@@ -154,6 +184,9 @@ class _Handler(BaseHTTPRequestHandler):
                 blob = self.server.blobs.get((m[1], m[2], m[3]))
                 if blob is None:
                     return self._error(404, "BLOB_UNKNOWN", "blob unknown to registry")
+                if self.server.blob_redirect is not None:
+                    location = self.server.blob_redirect(m[1], m[2], m[3])
+                    return self._send(307, b"", head, {"Location": location})
                 if m[3] in self.server.corrupt:
                     blob = bytes(b ^ 0xFF for b in blob)
                 return self._blob(blob, m[3], head)
