@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import Env
-from ggufmake import make_tiny_gguf
 from gguf import GGUFValueType
+from ggufmake import make_tiny_gguf
 
 from qmgr import gguf as qgguf
 from qmgr.errors import GGUFError
