@@ -50,6 +50,11 @@ class BadHandler(mirror.Handler):
         if mode == "drop":
             self._throttled(f, start, half, None)
             self._hang_up()
+        elif mode == "drop_then_change":  # half, then the file is replaced (same size)
+            self._throttled(f, start, half, None)
+            self.wfile.flush()
+            f.write_bytes(b["replacement"])
+            self._hang_up()
         elif mode == "hangup":  # headers, then nothing: no progress at all
             self._hang_up()
         elif mode == "half_then_hangup":

@@ -64,3 +64,31 @@ def test_eight_clients_pulling_one_variant_share_one_download(env: Env, mirror: 
     # One body's worth of bytes left the server (the header reads of `pull` are small).
     assert mirror.bytes_sent < 1.5 * src.stat().st_size, mirror.bytes_sent
     assert not list((env.home / "store" / "partial").iterdir())
+
+
+def test_a_file_that_changes_between_attempts_is_never_stitched(env: Env, mirror: BadMirror,
+                                                                repo: Path) -> None:
+    """A URL pull without a digest: the first attempt gets half the file, then the file is
+    replaced. The resumed request carries If-Range with the first answer's ETag; the server's
+    answer is of another version, so the download starts over and catalogs the new file whole
+    (marked unverified: no digest was known before)."""
+    src = repo / "test" / "tiny" / "tiny-F16.gguf"
+    old = src.read_bytes()
+    new = make_tiny_gguf(repo / "new.gguf", ftype="F16", n_vocab=20000, seed=7).read_bytes()
+    assert len(new) == len(old) and new != old
+    mirror.behavior.update(mode="drop_then_change", times=1, replacement=new)
+    url = f"{mirror.url}/test/tiny/resolve/main/tiny-F16.gguf"
+    env.qmgr("pull", "--insecure", url)
+    [row] = env.json("list")
+    import hashlib
+
+    assert row["sha256"] == hashlib.sha256(new).hexdigest() != hashlib.sha256(old).hexdigest()
+    assert sha256_of(Path(row["paths"][0])) == row["sha256"]
+    assert row["verified"] is False and row["state"] == "ready"
+    assert "unverified" in env.qmgr("list").stdout
+    gets = [r for r in mirror.behavior["log"] if r["method"] == "GET"]
+    assert any(r["headers"].get("If-Range") for r in gets), gets
+    # Pinned with --sha256, the same URL is verified.
+    env.qmgr("rm", row["ref"])
+    env.qmgr("pull", "--insecure", "--sha256", row["sha256"], url)
+    assert [r["verified"] for r in env.json("list")] == [True]

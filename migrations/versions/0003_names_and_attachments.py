@@ -1,4 +1,4 @@
-"""default variant of a model, attachments of a variant
+"""default variant of a model, attachments of a variant, variants pulled without a digest
 
 Revision ID: 0003
 Revises: 0002
@@ -18,6 +18,8 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('models', schema=None) as batch_op:
         batch_op.add_column(sa.Column('default_tag', sa.String(length=64), nullable=True))
+    with op.batch_alter_table('variants', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('verified', sa.Boolean(), server_default=sa.true(), nullable=False))
 
     op.create_table('attachments',
     sa.Column('variant_id', sa.Integer(), nullable=False),
@@ -36,5 +38,7 @@ def downgrade() -> None:
     with op.batch_alter_table('attachments', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_attachments_blob_id'))
     op.drop_table('attachments')
+    with op.batch_alter_table('variants', schema=None) as batch_op:
+        batch_op.drop_column('verified')
     with op.batch_alter_table('models', schema=None) as batch_op:
         batch_op.drop_column('default_tag')

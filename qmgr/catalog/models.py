@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -111,6 +112,9 @@ class Variant(Base):
     # The header facts read from the GGUF file (architecture, dims, tensor histogram...).
     facts: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     source_ref: Mapped[str | None] = mapped_column(String(1024))
+    # Whether the bytes matched a digest known before they came (the registry's, or the
+    # user's --sha256). False for a URL pulled without one: hashed, but vouched for by nobody.
+    verified: Mapped[bool] = mapped_column(default=True, server_default=true())
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow

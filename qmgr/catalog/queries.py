@@ -51,6 +51,7 @@ def _row(v: Any, m: Any, paths: list[str]) -> dict[str, Any]:
         "origin": v.origin,
         "sha256": v.sha256,
         "source_ref": v.source_ref,
+        "verified": v.verified,
         "default": m.default_tag == v.tag,
         "paths": paths,
         "created_at": v.created_at.isoformat(),
@@ -74,7 +75,7 @@ def list_rows(session: Session) -> list[dict[str, Any]]:
     v, m = Variant.__table__.c, Model.__table__.c
     query = (
         select(v.id, v.tag, v.quant_type, v.size, v.bits_per_weight, v.state, v.origin,
-               v.sha256, v.source_ref, v.created_at, m.name, m.parameter_count,
+               v.sha256, v.source_ref, v.verified, v.created_at, m.name, m.parameter_count,
                m.architecture, m.default_tag)
         .join_from(Variant.__table__, Model.__table__, v.model_id == m.id)
         .order_by(m.name, v.tag)

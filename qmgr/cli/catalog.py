@@ -33,7 +33,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     rows = [
         [v["ref"] + (" *" if v.get("default") else ""), v["quant_type"] or "-",
          human_size(v["size"]), f"{v['bits_per_weight']:.2f}" if v["bits_per_weight"] else "-",
-         human_count(v["parameter_count"]), v["architecture"] or "-", v["state"],
+         human_count(v["parameter_count"]), v["architecture"] or "-", _state(v),
          v.get("source_ref") or v["origin"]]
         for v in variants
     ]
@@ -41,6 +41,10 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     defaults = [v["model"] for v in variants if v.get("default")]
     if defaults and sys.stderr.isatty():
         click.echo(f"* what the bare name means (`qmgr run {defaults[0]}`)", err=True)
+
+
+def _state(v: dict[str, Any]) -> str:
+    return "unverified" if v["state"] == "ready" and v.get("verified") is False else v["state"]
 
 
 FACT_LABELS = [
@@ -77,7 +81,10 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
     facts = v.get("facts") or {}
     lines = [
         ("ref", v["ref"] + (f" (what `{v['model']}` means)" if v.get("default") else "")),
-        ("state", v["state"]), ("origin", v["origin"]),
+        ("state", v["state"] + ("" if v.get("verified", True) else
+                                " (unverified: no digest was known before the download; "
+                                "pin one with `qmgr pull --sha256 HEX URL`)")),
+        ("origin", v["origin"]),
         ("source", v.get("source_ref") or "-"),
         ("size", f"{human_size(v['size'])} ({v['size']} bytes)"), ("sha256", v["sha256"]),
     ]

@@ -156,7 +156,7 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
                    in_store: bool, tag: str | None = None, parent_id: int | None = None,
                    recipe: dict[str, Any] | None = None,
                    attachments: list[AttachedFile] | None = None,
-                   default: bool = False) -> tuple[dict[str, Any], bool]:
+                   default: bool = False, verified: bool = True) -> tuple[dict[str, Any], bool]:
     """Catalog verified files as a ready variant of ``model_name`` in one transaction.
 
     The same bytes already cataloged under that model make no second variant; the same bytes
@@ -170,6 +170,7 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
             if v.sha256 == shards[0].sha256 and len(v.files) == len(shards):
                 if v.state != VariantState.READY:
                     v.state = VariantState.READY
+                v.verified = v.verified or verified
                 for f, s in zip(v.files, shards, strict=True):
                     if f.blob.path == str(s.path):
                         # Same bytes, re-verified now: remember the current mtime, or the next
@@ -193,6 +194,7 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
             source_ref=source_ref,
             parent_variant_id=parent_id,
             recipe=recipe,
+            verified=verified,
         )
         session.add(variant)
         for i, s in enumerate(shards):

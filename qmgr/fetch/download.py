@@ -54,13 +54,36 @@ FLUSH_EVERY = 128 << 20
 SPACE_MARGIN = 64 << 20
 _STATE = struct.Struct("<8sQI")
 _PART = struct.Struct("<QQQ")
-_MAGIC = b"qmgrprt1"
+_VALIDATOR = struct.Struct("<H")  # length of the validator that follows the parts
+_MAGIC = b"qmgrprt2"
+MAX_VALIDATOR = 512
+# A file that changes under a download more often than this is given up on.
+MAX_RESTARTS = 2
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
 class Cancelled(QmgrError):
     code = "cancelled"
     http_status = 409
+
+
+class FileChanged(FetchError):
+    """The server's file is not the one the partial bytes came from (another ETag or
+    Last-Modified, or a full answer to an ``If-Range``): start over."""
+
+    code = "file_changed"
+
+
+def validator_of(body: wire.Body) -> str | None:
+    """What identifies this version of the file: a strong ETag (a weak one can't be used with
+    ``If-Range``), else Last-Modified."""
+    etag = body.header("etag")
+    if etag and not etag.startswith("W/") and len(etag) <= MAX_VALIDATOR and etag.isascii():
+        return etag
+    modified = body.header("last-modified")
+    if modified and len(modified) <= MAX_VALIDATOR and modified.isascii():
+        return modified
+    return None
 
 
 @dataclass
@@ -149,6 +172,9 @@ class Download:
         self.dfd: int | None = None
         self.direct_bytes = 0  # written with O_DIRECT (the rest went through the page cache)
         self._context: ssl.SSLContext | None = None
+        # The version of the file the bytes on disk are from (ETag or Last-Modified), kept
+        # in the state file: a resumed download asks for more of that version only.
+        self.validator: str | None = None
 
     # -- state on disk ---------------------------------------------------------------------
 
@@ -160,7 +186,13 @@ class Download:
                 return None
             parts = [Part(*_PART.unpack_from(raw, _STATE.size + i * _PART.size))
                      for i in range(n)]
-        except (OSError, struct.error):
+            at = _STATE.size + n * _PART.size
+            (length,) = _VALIDATOR.unpack_from(raw, at)
+            text = raw[at + _VALIDATOR.size:at + _VALIDATOR.size + length]
+            if len(text) != length or length > MAX_VALIDATOR:
+                return None
+            validator = text.decode("ascii") or None
+        except (OSError, struct.error, UnicodeDecodeError):
             return None
         if not self.partial.exists() or self.partial.stat().st_size != size:
             return None
@@ -169,12 +201,15 @@ class Download:
             return None
         for p in parts:
             p.done = min(p.done, p.end - p.start)
+        self.validator = validator
         return parts
 
     def _save_state(self) -> None:
         # One pwrite of a few hundred bytes at offset 0: complete or absent if we are killed.
+        validator = (self.validator or "").encode("ascii")
         raw = _STATE.pack(_MAGIC, self.size, len(self.parts)) + b"".join(
-            _PART.pack(p.start, p.end, p.done) for p in self.parts)
+            _PART.pack(p.start, p.end, p.done) for p in self.parts) + _VALIDATOR.pack(
+            len(validator)) + validator
         os.pwrite(self.state_fd, raw, 0)
 
     def bytes_on_disk(self, size: int) -> int:
@@ -195,6 +230,22 @@ class Download:
             return int(linked)
 
     def run(self) -> tuple[str, int, Path]:
+        restarts = 0
+        while True:
+            try:
+                return self._run()
+            except FileChanged as e:
+                self.discard()
+                restarts += 1
+                if restarts > MAX_RESTARTS:
+                    raise FileChanged(f"{e.message}; it changed {restarts} times while being "
+                                      "downloaded: giving up") from e
+                log.warning("%s: starting over", e.message)
+                # A fresh start: no parts, buffers, queues or version left from the old one.
+                self.__init__(self.client, self.store, self.remote, self.opts,  # type: ignore[misc]
+                              self.progress, self.cancel)
+
+    def _run(self) -> tuple[str, int, Path]:
         size = self.remote.size if self.remote.size is not None else self._probe_size()
         self.size = size
         needed = size - self.bytes_on_disk(size) + SPACE_MARGIN
@@ -399,6 +450,9 @@ class Download:
             try:
                 self._fetch_range(part)
                 attempt = 0
+            except FileChanged as e:  # no retry continues another version's bytes
+                self._fail(e)
+                return
             except FetchError as e:
                 # Retries are counted between attempts that make no progress: a connection
                 # that keeps dropping but delivers bytes each time gets there in the end.
@@ -440,6 +494,11 @@ class Download:
         headers = dict(self.remote.headers)
         headers["Range"] = f"bytes={offset}-{part.end - 1}"
         headers["Accept-Encoding"] = "identity"
+        with self.lock:
+            sent_validator = self.validator
+        if sent_validator:
+            # "The rest, if it is still that version; else all of the new one" (RFC 9110).
+            headers["If-Range"] = sent_validator
         if self._context is None and self.remote.url.startswith("https://"):
             self._context = ssl_context(self.opts.ca_bundle)
         with wire.get(self.client, self.remote.url, headers, insecure=self.insecure,
@@ -447,6 +506,7 @@ class Download:
             if r.status >= 400:
                 kind = FetchError if r.status >= 500 or r.status == 429 else QmgrError
                 raise kind(f"{redact(self.remote.url)}: HTTP {r.status}")
+            self._same_version(r, sent_validator)
             skip = 0
             if r.status == 206:
                 m = _CONTENT_RANGE.fullmatch(r.header("content-range") or "")
@@ -490,6 +550,26 @@ class Download:
             if not part.received:
                 raise FetchError(f"{redact(self.remote.url)}: connection ended after "
                                  f"{part.got} of {part.end - part.start} bytes")
+
+
+    def _same_version(self, r: wire.Body, sent: str | None) -> None:
+        """Check that an answer is of the version the bytes on disk are from, recording the
+        version at the first answer."""
+        seen = validator_of(r)
+        with self.lock:
+            if self.validator is None and sent is None:
+                if seen is not None:
+                    self.validator = seen
+                    self._save_state()
+                return
+            known = self.validator
+        name = self.remote.name
+        if sent is not None and r.status == 200 and any(p.got for p in self.parts):
+            raise FileChanged(f"{name} changed on the server (it answered our If-Range with "
+                              "the whole file)")
+        if seen is not None and known is not None and seen != known:
+            raise FileChanged(f"{name} changed on the server (version {seen[:60]}, the bytes "
+                              f"on disk are from {known[:60]})")
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

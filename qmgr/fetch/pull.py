@@ -255,7 +255,7 @@ class Puller:
             self.catalog, model_name or chosen.model_name, shards, combined_facts(shards),
             origin=Origin.PULLED, source_ref=chosen.source_ref, in_store=True,
             tag=chosen.quant if ref.kind != "ollama" else None, attachments=attached,
-            default=default)
+            default=default, verified=all(f.sha256 for f in chosen.files))
         handle.update(phase="done", done=progress.done, downloaded=progress.received)
         return {"variant": variant, "downloaded": progress.received, "decision": decision}
 
