@@ -55,6 +55,16 @@ class BadHandler(mirror.Handler):
             self.wfile.flush()
             f.write_bytes(b["replacement"])
             self._hang_up()
+        elif mode == "trickle":  # a byte at a time, never stalling, never getting there
+            for i in range(length):
+                if self.server.stopping.wait(b.get("every_s", 0.2)):
+                    break
+                with f.open("rb") as fh:
+                    fh.seek(start + i)
+                    self.wfile.write(fh.read(1))
+                self.wfile.flush()
+                self.count(1)
+            self._hang_up()
         elif mode == "hangup":  # headers, then nothing: no progress at all
             self._hang_up()
         elif mode == "half_then_hangup":
@@ -106,6 +116,15 @@ class BadHandler(mirror.Handler):
             busy = b.get("busy", 0) > 0
             if busy:
                 b["busy"] -= 1
+        if b.get("trickle_listing"):  # a listing a byte at a time, forever
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            while not self.server.stopping.wait(0.2):
+                self.wfile.write(b" ")
+                self.wfile.flush()
+            return
         if busy:  # a server up but not ready, as qmgr's mirror while it hashes
             body = json.dumps({"error": "hashing 1 of 2 files"}).encode()
             self.send_response(503)
@@ -130,6 +149,7 @@ class BadHandler(mirror.Handler):
 class BadMirror(mirror.Mirror):
     def __init__(self, root: Path, port: int = 0, ssl_context: Any = None):
         self.behavior: dict[str, Any] = {}
+        self.stopping = threading.Event()  # ends the handlers that trickle
         super().__init__(root, ("127.0.0.1", port), BadHandler)
         if ssl_context is not None:
             self.socket = ssl_context.wrap_socket(self.socket, server_side=True)
@@ -142,6 +162,7 @@ class BadMirror(mirror.Mirror):
         return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
     def stop(self) -> None:
+        self.stopping.set()
         self.shutdown()
         self.server_close()
 

@@ -92,3 +92,61 @@ def test_a_file_that_changes_between_attempts_is_never_stitched(env: Env, mirror
     env.qmgr("rm", row["ref"])
     env.qmgr("pull", "--insecure", "--sha256", row["sha256"], url)
     assert [r["verified"] for r in env.json("list")] == [True]
+
+
+def _job_when(env: Env, phase: str) -> dict:
+    import time
+
+    for _ in range(300):
+        jobs = env.json("jobs")
+        if jobs and (jobs[0]["progress"] or {}).get("phase") == phase:
+            return jobs[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no job reached {phase}: {env.json('jobs')}")
+
+
+def test_cancel_ends_a_job_stuck_on_a_trickling_listing(env: Env, mirror: BadMirror) -> None:
+    import time
+
+    mirror.behavior["trickle_listing"] = True  # a byte every 0.2 s: never a stall
+    env.qmgr("pull", "--detach", "hf.co/test/tiny:F16")
+    job = _job_when(env, "listing")
+    started = time.monotonic()
+    env.qmgr("cancel", str(job["id"]))
+    for _ in range(100):
+        state = next(j for j in env.json("jobs") if j["id"] == job["id"])["state"]
+        if state != "running":
+            break
+        time.sleep(0.05)
+    assert state == "cancelled"
+    assert time.monotonic() - started < 10  # generous: the phase is cut at once, not at its end
+
+
+def test_sigterm_ends_a_daemon_whose_job_is_stuck_in_a_body(env: Env, mirror: BadMirror) -> None:
+    import signal
+    import time
+
+    mirror.behavior.update(mode="trickle", every_s=0.5)
+    env.qmgr("pull", "--detach", "hf.co/test/tiny:F16")
+    _job_when(env, "downloading")
+    time.sleep(0.5)
+    assert env.proc is not None
+    started = time.monotonic()
+    assert env.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 15, "the daemon did not stop within seconds"
+
+
+def test_a_trickling_body_is_too_slow_and_fails_clearly(mirror: BadMirror) -> None:
+    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
+    e = Env(root)
+    e.env.update(QMGR_HF_ENDPOINT=mirror.url, QMGR_STALL_TIMEOUT="1",
+                 QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="1")
+    mirror.behavior.update(mode="trickle", every_s=0.1)  # 10 bytes/s: never stalls
+    try:
+        e.start()
+        r = e.qmgr("pull", "hf.co/test/tiny:F16", check=False, timeout=60)
+        assert r.returncode == 1 and "too slow" in r.stderr, r.stderr
+        assert e.json("list") == []
+    finally:
+        e.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -20,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select
@@ -58,6 +59,12 @@ class JobHandle:
         self.cancel = threading.Event()
         self.cancel_reason: str | None = None
         self.lock = threading.Lock()
+        # Held while the row is written: the periodic save and the final one never cross (a
+        # stale "running" committed after the end would run the job again at the next start).
+        self.persist_lock = threading.Lock()
+        # Called when the job is cancelled (or stopped for shutdown), from the cancelling
+        # thread: what a blocked read needs to wake up (a socket shut down).
+        self.cancel_hooks: list[Callable[[], None]] = []
         self._persisted = 0.0
         # How the job ended (state, result, error...), written to its row before the handle
         # shows it: whoever sees the end can read it from the catalog too.
@@ -66,6 +73,27 @@ class JobHandle:
         # Event streams waiting for a change: called (from any thread) when the state or the
         # phase changes, so a client learns at once that its job ended.
         self.wakers: set[Callable[[], None]] = set()
+
+    def request_cancel(self, reason: str) -> None:
+        self.cancel_reason = self.cancel_reason or reason
+        self.cancel.set()
+        for hook in list(self.cancel_hooks):
+            try:
+                hook()
+            except Exception:  # a hook that fails must not keep the others from running
+                log.exception("job %d: a cancel hook failed", self.id)
+
+    @contextmanager
+    def interrupted_by_cancel(self, hook: Callable[[], None]) -> Iterator[None]:
+        """Run ``hook`` if the job is cancelled while the block runs (at once if it is
+        already)."""
+        self.cancel_hooks.append(hook)
+        try:
+            if self.cancel.is_set():
+                hook()
+            yield
+        finally:
+            self.cancel_hooks.remove(hook)
 
     def changed(self) -> None:
         self.version += 1
@@ -271,6 +299,10 @@ class JobRunner:
         return len(rows)
 
     def _persist(self, handle: JobHandle, force: bool = False) -> None:
+        with handle.persist_lock:
+            self._persist_locked(handle, force)
+
+    def _persist_locked(self, handle: JobHandle, force: bool) -> None:
         now = time.monotonic()
         if not force and now - handle._persisted < PERSIST_EVERY_S:
             return
@@ -372,15 +404,13 @@ class JobRunner:
                 if job is not None:
                     job.state, job.error = JobState.CANCELLED, "cancelled"
             return self.get(job_id)
-        handle.cancel_reason = "user"
-        handle.cancel.set()
+        handle.request_cancel("user")
         return handle.to_dict()
 
     def shutdown(self) -> None:
         self.stopping = True
         for handle in list(self.handles.values()):
             if handle.state not in TERMINAL:
-                handle.cancel_reason = handle.cancel_reason or "shutdown"
-                handle.cancel.set()
+                handle.request_cancel("shutdown")
         self.pool.shutdown(wait=True, cancel_futures=True)
         WARM.close()

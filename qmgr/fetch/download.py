@@ -19,6 +19,7 @@ with exponential backoff, each retry continuing from the last byte received.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -29,7 +30,8 @@ import re
 import ssl
 import struct
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,10 @@ class FileChanged(FetchError):
     code = "file_changed"
 
 
+class TooSlow(FetchError):
+    """Bytes arrive, but slower than ``Options.min_speed``."""
+
+
 def validator_of(body: wire.Body) -> str | None:
     """What identifies this version of the file: a strong ETag (a weak one can't be used with
     ``If-Range``), else Last-Modified."""
@@ -97,6 +103,9 @@ class Options:
     backoff: float = 1.0  # seconds before the first retry; doubles each time
     insecure: bool = False
     stall_timeout: float = 30.0  # seconds without a byte before the attempt is retried
+    # Bytes per second an attempt must average over each stall_timeout window: a server that
+    # trickles a byte every few seconds never stalls, and is retried as one that does.
+    min_speed: float = 1024.0
     ca_bundle: str | None = None  # certificate authorities to trust instead of certifi's
     direct_io: bool = True  # O_DIRECT writes where the filesystem allows them
 
@@ -175,6 +184,7 @@ class Download:
         # The version of the file the bytes on disk are from (ETag or Last-Modified), kept
         # in the state file: a resumed download asks for more of that version only.
         self.validator: str | None = None
+        self.bodies: set[wire.Body] = set()  # open transfers, for hang_up
 
     # -- state on disk ---------------------------------------------------------------------
 
@@ -297,6 +307,15 @@ class Download:
         self.state_path.unlink(missing_ok=True)
         fsync_dir(self.store.partial)
         return sha, size, path
+
+    def hang_up(self) -> None:
+        """Cancel from another thread: end every open transfer, so no part waits for the
+        network to notice (the parts then see ``cancel`` set)."""
+        self.cancel.set()
+        with self.lock:
+            bodies = list(self.bodies)
+        for body in bodies:
+            body.hang_up()
 
     def discard(self) -> None:
         self.partial.unlink(missing_ok=True)
@@ -456,7 +475,9 @@ class Download:
             except FetchError as e:
                 # Retries are counted between attempts that make no progress: a connection
                 # that keeps dropping but delivers bytes each time gets there in the end.
-                attempt = 1 if part.got > before else attempt + 1
+                # (A server that is too slow delivers bytes every time: that is no progress.)
+                progressed = part.got > before and not isinstance(e, TooSlow)
+                attempt = 1 if progressed else attempt + 1
                 if attempt > self.opts.retries:
                     self._fail(FetchError(f"{self.remote.name}: giving up after "
                                           f"{self.opts.retries} retries: {e.message}"))
@@ -502,7 +523,8 @@ class Download:
         if self._context is None and self.remote.url.startswith("https://"):
             self._context = ssl_context(self.opts.ca_bundle)
         with wire.get(self.client, self.remote.url, headers, insecure=self.insecure,
-                      stall=self.opts.stall_timeout, context=self._context) as r:
+                      stall=self.opts.stall_timeout, context=self._context) as r, \
+                self._open(r):
             if r.status >= 400:
                 kind = FetchError if r.status >= 500 or r.status == 429 else QmgrError
                 raise kind(f"{redact(self.remote.url)}: HTTP {r.status}")
@@ -528,7 +550,15 @@ class Download:
             else:
                 raise FetchError(f"{redact(self.remote.url)}: unexpected HTTP {r.status}")
             # Never more than the part asks for: what a server sends beyond it is not read.
+            window_at, window_got = time.monotonic(), part.got
             while not part.received:
+                now = time.monotonic()
+                if now - window_at >= self.opts.stall_timeout:
+                    speed = (part.got - window_got) / (now - window_at)
+                    if speed < self.opts.min_speed:
+                        raise TooSlow(f"{redact(self.remote.url)}: too slow ({speed:.0f} "
+                                         f"bytes/s for {now - window_at:.0f} s)")
+                    window_at, window_got = now, part.got
                 buf = self._buffer()
                 if skip:
                     n, error = r.fill(memoryview(buf)[:min(CHUNK, skip)])
@@ -551,6 +581,18 @@ class Download:
                 raise FetchError(f"{redact(self.remote.url)}: connection ended after "
                                  f"{part.got} of {part.end - part.start} bytes")
 
+
+    @contextlib.contextmanager
+    def _open(self, body: wire.Body) -> Iterator[None]:
+        with self.lock:
+            self.bodies.add(body)
+        try:
+            if self.cancel.is_set():
+                raise Cancelled(f"download of {self.remote.name} cancelled")
+            yield
+        finally:
+            with self.lock:
+                self.bodies.discard(body)
 
     def _same_version(self, r: wire.Body, sent: str | None) -> None:
         """Check that an answer is of the version the bytes on disk are from, recording the

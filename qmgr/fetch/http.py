@@ -151,10 +151,19 @@ def request(client: httpx.Client, method: str, url: str, headers: dict[str, str]
     raise FetchError(f"more than {MAX_REDIRECTS} redirects from {redact(url)}")
 
 
+# A JSON document (a listing page, a manifest) must arrive within this many seconds in all:
+# the read timeout alone lets a server that sends a byte every few seconds hold a job forever.
+DOCUMENT_DEADLINE_S = 120.0
+
+
 def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = None, *,
-             insecure: bool = False, limit: int = 64 << 20) -> tuple[Any, httpx.Headers]:
-    """GET a JSON document (bounded in size); raises a clear error on HTTP errors."""
+             insecure: bool = False, limit: int = 64 << 20,
+             deadline_s: float = DOCUMENT_DEADLINE_S) -> tuple[Any, httpx.Headers]:
+    """GET a JSON document (bounded in size and time); raises a clear error on HTTP errors."""
     import json
+    import time
+
+    started = time.monotonic()
 
     with request(client, "GET", url, headers, insecure=insecure) as r:
         if r.status_code == 401 or r.status_code == 403:
@@ -171,6 +180,10 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
             body += chunk
             if len(body) > limit:
                 raise FetchError(f"{redact(url)}: answer larger than {limit} bytes")
+            if time.monotonic() - started > deadline_s:
+                raise FetchError(f"{redact(url)}: the answer took longer than {deadline_s:.0f} s "
+                                 f"({len(body)} bytes so far): the server is too slow",
+                                 code="too_slow")
         try:
             return json.loads(body), r.headers
         except ValueError as e:

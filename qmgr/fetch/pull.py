@@ -13,11 +13,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 
@@ -63,6 +63,7 @@ class Puller:
             backoff=float(e.get("QMGR_RETRY_BACKOFF", 1.0)),
             insecure=insecure,
             stall_timeout=self.stall_timeout(),
+            min_speed=float(e.get("QMGR_MIN_SPEED", 1024)),
             ca_bundle=e.get("QMGR_CA_BUNDLE") or None,
             direct_io=e.get("QMGR_DIRECT_IO", "1") != "0",
         )
@@ -220,8 +221,8 @@ class Puller:
             from qmgr.fit.service import FitRequest
 
             handle.update(phase="fitting")
-            decision, fit, remote = self.fitter.fit(FitRequest.from_args({**args,
-                                                                          "remote": True}))
+            request = FitRequest.from_args({**args, "remote": True})
+            decision, fit, remote = until_cancelled(handle, lambda: self.fitter.fit(request))
             if fit.pick is None:
                 raise QmgrError(decision["reason"], code="does_not_fit", http_status=507)
             handle.update(decision=decision)
@@ -266,7 +267,7 @@ class Puller:
         deadline = time.monotonic() + float(self.env.get("QMGR_BUSY_WAIT", 600))
         while True:
             try:
-                return self.listing(ref, ctx)
+                return until_cancelled(handle, lambda: self.listing(ref, ctx))
             except Busy as e:
                 pause = min(max(e.retry_after, 0.5), 30.0)
                 if time.monotonic() + pause > deadline:
@@ -292,7 +293,8 @@ class Puller:
             progress.done += dl.bytes_on_disk(remote.size) if remote.size else 0
             handle.update(file=remote.name, done=progress.done)
             try:
-                _sha, _size, path = dl.run()
+                with handle.interrupted_by_cancel(dl.hang_up):
+                    _sha, _size, path = dl.run()
             except BaseException:
                 if handle.cancel_reason == "user":
                     dl.discard()
@@ -302,6 +304,33 @@ class Puller:
             progress.done += path.stat().st_size
         handle.update(done=progress.done)
         return path, fresh
+
+
+T = TypeVar("T")
+
+
+def until_cancelled(handle: JobHandle, work: Callable[[], T]) -> T:
+    """Run a network phase (a listing, a manifest, headers read by Range) in a thread of its
+    own, so that cancelling or stopping the job ends it within a fraction of a second whatever
+    the network does; an abandoned phase ends by itself at its own deadline."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as e:  # handed to the job's thread, raised there
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=target, daemon=True, name=f"qmgr-job-{handle.id}-net").start()
+    while not done.wait(0.1):
+        if handle.cancel.is_set():
+            raise Cancelled("cancelled while waiting for the registry")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _digest_of(path: Path, remote: RemoteFile) -> str:

@@ -13,7 +13,9 @@ which knows how to use one.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import socket
 import ssl
 import time
 import urllib.request
@@ -45,6 +47,10 @@ class Body(Protocol):
 
     def header(self, name: str) -> str | None: ...
 
+    def hang_up(self) -> None:
+        """End the transfer from another thread: a read blocked on it returns at once."""
+        ...
+
     def fill(self, buf: memoryview) -> tuple[int, FetchError | None]:
         """Read into ``buf`` until it is full, the body ends, or ``FILL_SECONDS`` passed with
         some bytes read. Returns (bytes read, the error that stopped it, if any): bytes read
@@ -67,6 +73,12 @@ class SocketBody:
 
     def header(self, name: str) -> str | None:
         return self.response.getheader(name)
+
+    def hang_up(self) -> None:
+        sock = self.conn.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # close() would not wake a blocked recv
 
     def fill(self, buf: memoryview) -> tuple[int, FetchError | None]:
         n = 0
@@ -108,6 +120,10 @@ class HttpxBody:
 
     def header(self, name: str) -> str | None:
         return self.response.headers.get(name)
+
+    def hang_up(self) -> None:
+        with contextlib.suppress(Exception):
+            self.response.close()
 
     def fill(self, buf: memoryview) -> tuple[int, FetchError | None]:
         n = 0
