@@ -9,14 +9,18 @@ renamed into ``blobs/``, directory fsynced; only then may the catalog mark a var
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import os
 import re
 import shutil
+import stat
 import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from qmgr.errors import QmgrError
 
@@ -31,11 +35,56 @@ def check_digest(digest: str) -> str:
     return digest
 
 
-def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> tuple[str, int]:
-    """(sha256 hex, size) of a file, read in 1 MiB chunks."""
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """Which file a path named when it was checked: to read that file, and no other, later."""
+
+    dev: int
+    ino: int
+    mtime_ns: int
+    link: bool  # the path itself was a symlink (one the user chose: followed)
+
+
+def identity(path: Path) -> Identity:
+    st = os.stat(path)
+    return Identity(st.st_dev, st.st_ino, st.st_mtime_ns, os.path.islink(path))
+
+
+def open_regular(path: Path, same_as: Identity | None = None) -> BinaryIO:
+    """Open a file to read its bytes, refusing without blocking whatever is not the regular
+    file it was (a FIFO, device or symlink swapped in after inspection): O_NONBLOCK so that a
+    FIFO cannot hang the open, O_NOFOLLOW unless the path was a symlink when ``same_as`` was
+    taken, then ``fstat`` of the handle read, compared with ``same_as``."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if same_as is not None and not same_as.link:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise QmgrError(f"{path} became a symbolic link while qmgr read it: refused",
+                            code="file_changed", http_status=409) from e
+        raise
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file (a FIFO, device or folder)"
+    elif same_as is not None and (st.st_dev, st.st_ino, st.st_mtime_ns) != (
+            same_as.dev, same_as.ino, same_as.mtime_ns):
+        problem = "was replaced by another file while qmgr read it"
+    if problem:
+        os.close(fd)
+        raise QmgrError(f"{path} {problem}: refused", code="file_changed", http_status=409)
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def hash_file(path: Path, progress: Callable[[int], None] | None = None,
+              same_as: Identity | None = None) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, read in 1 MiB chunks (see :func:`open_regular`)."""
     h = hashlib.sha256()
     size = 0
-    with path.open("rb") as f:
+    with open_regular(path, same_as) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
             size += len(chunk)
@@ -102,13 +151,14 @@ class Store:
         fsync_dir(self.blobs)
         return target
 
-    def copy_in(self, src: Path) -> tuple[str, int, Path]:
+    def copy_in(self, src: Path, same_as: Identity | None = None
+                ) -> tuple[str, int, Path]:
         """Copy a file into the store while hashing it; returns (sha256, size, blob path)."""
         partial = self.new_partial()
         h = hashlib.sha256()
         size = 0
         try:
-            with src.open("rb") as fin, partial.open("xb") as fout:
+            with open_regular(src, same_as) as fin, partial.open("xb") as fout:
                 while chunk := fin.read(CHUNK):
                     h.update(chunk)
                     fout.write(chunk)

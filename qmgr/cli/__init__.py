@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -18,6 +19,15 @@ from qmgr import __version__
 from qmgr.errors import QmgrError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+
+# Control characters (C0 but newline and tab, DEL, C1): in a name from a GGUF header or a
+# registry they could move the cursor, retitle the terminal or hide text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(text: object) -> str:
+    """Text fit for a terminal: control characters written as escapes (``\x1b``)."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
 
 
 class QmgrGroup(click.Group):
@@ -56,7 +66,13 @@ class QmgrGroup(click.Group):
         try:
             return super().invoke(ctx)
         except QmgrError as e:
-            raise click.ClickException(e.message) from None
+            raise click.ClickException(safe(e.message)) from None
+        except click.UsageError:
+            raise
+        except click.ClickException as e:  # a job's error, the daemon's words: made safe too
+            if _CONTROL.search(e.message):
+                raise click.ClickException(safe(e.message)) from None
+            raise
 
 
 @click.group(cls=QmgrGroup, context_settings=CONTEXT_SETTINGS)

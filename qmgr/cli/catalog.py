@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from qmgr.cli import cli, client, emit_json, human_count, human_size, table
+from qmgr.cli import cli, client, emit_json, human_count, human_size, safe, table
 from qmgr.client import absolute, ref_path
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -96,11 +96,11 @@ def show(ctx: click.Context, ref: str, as_json: bool) -> None:
               if facts.get(key) is not None]
     width = max(len(k) for k, _ in lines)
     for k, val in lines:
-        click.echo(f"{k.ljust(width)}  {val}")
+        click.echo(f"{k.ljust(width)}  {safe(val)}")
     types = facts.get("tensor_types") or {}
     if types:
-        click.echo("tensor types".ljust(width) + "  " +
-                   ", ".join(f"{t}×{n}" for t, n in sorted(types.items(), key=lambda x: -x[1])))
+        click.echo("tensor types".ljust(width) + "  " + safe(
+            ", ".join(f"{t}×{n}" for t, n in sorted(types.items(), key=lambda x: -x[1]))))
     if v.get("lineage") or v.get("children"):
         click.echo("lineage")
         chain = [*reversed(v.get("lineage") or []), v["ref"]]

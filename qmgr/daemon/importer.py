@@ -20,7 +20,7 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Attachment, Origin, Variant, VariantFile, VariantState
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.fetch.remote import SHARD_RE, strip_quant_suffix
-from qmgr.store import Store, hash_file
+from qmgr.store import Store, hash_file, identity
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,15 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
     Returns the variant (as the API shows it) and whether it is new. Importing the same bytes
     again under the same model returns the existing variant.
     """
+    seen = {path: identity(check_file(path))}  # what was checked is what gets read
     shards = read_files(path)
     for s in shards:
-        st = s.path.stat()
-        s.mtime_ns = st.st_mtime_ns
+        st = seen.get(s.path) or identity(s.path)
+        s.mtime_ns = st.mtime_ns
         if copy:
-            s.sha256, s.size, s.path = store.copy_in(s.path)
+            s.sha256, s.size, s.path = store.copy_in(s.path, same_as=st)
         else:
-            s.sha256, s.size = hash_file(s.path)
+            s.sha256, s.size = hash_file(s.path, same_as=st)
             if s.path.stat().st_mtime_ns != s.mtime_ns:
                 raise QmgrError(f"{s.path} changed while it was being hashed; try again",
                                 code="file_changed", http_status=409)
