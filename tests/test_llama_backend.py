@@ -31,7 +31,7 @@ from testmodel import cache_dir, gemma_f16
 
 from qmgr.builtin import llama_backend
 from qmgr.eval import metrics, read_text
-from qmgr.run.contract import GenParams, LoadOptions, Scores
+from qmgr.run.contract import GenParams, LoadOptions, Refusal, Scores
 
 DATA = Path(__file__).parent / "data"
 EVAL_TEXT = DATA / "eval.txt" if (DATA / "eval.txt").exists() else DATA / "eval-small.txt"
@@ -212,6 +212,7 @@ def test_chat_uses_the_template_in_the_gguf(tmp_path: Path, tiny: Path) -> None:
     try:
         messages = [{"role": "system", "content": "Be brief."},
                     {"role": "user", "content": "w300?"}]
+        assert session.chat_format() == "file"
         assert session.render_chat(messages) == \
             "<s>[system] Be brief.\n[user] w300?\n[assistant] "
         pieces = list(session.chat(messages, GenParams(max_tokens=3)))
@@ -220,8 +221,11 @@ def test_chat_uses_the_template_in_the_gguf(tmp_path: Path, tiny: Path) -> None:
         session.close()
     session = backend.load(tiny, LoadOptions(n_ctx=128))  # no template, and a llama
     try:
-        with pytest.raises(ValueError, match="no chat template .* architecture \\(llama\\)"):
+        with pytest.raises(Refusal, match="no chat template: .* architecture \\(llama\\)") as e:
             session.render_chat(messages)
+        assert e.value.code == "no_chat_template"
+        with pytest.raises(Refusal):
+            session.chat_format()
     finally:
         session.close()
 
@@ -356,6 +360,7 @@ def test_a_repeated_prompt_is_served_from_the_cache(session: Any) -> None:
 def test_chat_in_gemma_s_format(session: Any) -> None:
     """This Gemma file carries no chat template: llama.cpp's built-in Gemma one is used."""
     assert "tokenizer.chat_template" not in session.llm.metadata
+    assert session.chat_format() == "llama.cpp:gemma"
     messages = [{"role": "user", "content": "Name one colour of the rainbow."}]
     prompt = session.render_chat(messages)
     assert prompt == ("<start_of_turn>user\nName one colour of the rainbow.<end_of_turn>\n"
@@ -377,6 +382,48 @@ def test_a_runner_process_end_to_end(gemma: Path) -> None:
     assert answers[0]["ready"]["backend"] == "llama.cpp"
     assert "".join(a.get("text", "") for a in answers)
     assert answers[-1]["done"]["tokens"] == 6 and answers[-1]["done"]["rss"] > 0
+
+
+def test_a_runner_stops_a_generation_when_cancelled(gemma: Path) -> None:
+    """A cancel read while the runner generates ends that request at its next token; one
+    read between requests (it came too late) stops nothing; a chat without messages tells
+    the chat format; the runner goes on serving."""
+    proc = subprocess.Popen([sys.executable, "-m", "qmgr.run.runner"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def send(line: dict[str, Any]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(line) + "\n")
+        proc.stdin.flush()
+
+    def answer() -> list[dict[str, Any]]:
+        assert proc.stdout is not None
+        lines = []
+        while not lines or not ({"done", "error"} & set(lines[-1])):
+            lines.append(json.loads(proc.stdout.readline()))
+        return lines
+
+    try:
+        send({"backend": "llama.cpp", "path": str(gemma), "options": {"n_ctx": 256}})
+        assert "ready" in json.loads(proc.stdout.readline())
+        send({"op": "generate", "prompt": "1, 2, 3, 4,", "params": {"max_tokens": 200}})
+        assert "text" in json.loads(proc.stdout.readline())  # it is generating
+        send({"op": "cancel"})
+        stopped = answer()
+        assert stopped[-1]["done"]["cancelled"] is True
+        assert stopped[-1]["done"]["pieces"] == len(stopped) < 200  # the first piece, and these
+        send({"op": "cancel"})  # too late: between requests
+        send({"op": "generate", "prompt": PROMPT, "params": {"max_tokens": 6}})
+        assert answer()[-1]["done"]["tokens"] == 6
+        send({"op": "chat", "messages": []})
+        [told] = answer()  # nothing generated
+        assert told["done"]["chat_format"] == "llama.cpp:gemma"
+        send({"op": "exit"})
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_eval_worker_refuses_another_tokenizer(gemma: Path, tiny: Path) -> None:

@@ -14,7 +14,9 @@ A :class:`LlamaCppSession` serves the contract (``qmgr.run.contract``):
   (``tokenizer.chat_template``, with llama-cpp-python's own ``Jinja2ChatFormatter``, as its
   ``create_chat_completion`` does for such a file), or llama.cpp's built-in template of the
   model's family when the file has none, and streams the completion of those tokens; a model
-  with neither is refused rather than given a guessed format;
+  with neither is refused (:class:`~qmgr.run.contract.Refusal`, ``no_chat_template``) rather
+  than given a guessed format (llama-cpp-python's would be Llama 2's); ``chat_format`` says
+  which of the two it is before any message;
 - ``score`` evaluates a text for ``qmgr eval`` like llama.cpp's perplexity tool (see there).
 
 Stats of a generation: ``prompt_s`` is the time to the first generated token (prompt
@@ -43,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from qmgr import hookimpl
-from qmgr.run.contract import GenParams, LoadOptions, Piece, Scores
+from qmgr.run.contract import GenParams, LoadOptions, Piece, Refusal, Scores
 
 log = logging.getLogger(__name__)
 
@@ -192,26 +194,34 @@ class LlamaCppSession:
         tokens = self.llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
         return self._stream(tokens, params, [self._token_text(self.llm.token_eos())])
 
+    def chat_format(self) -> str:
+        """``"file"`` (``tokenizer.chat_template``), or ``"llama.cpp:NAME"`` for llama.cpp's
+        built-in template NAME of the model's family (:data:`BUILTIN_TEMPLATES`); a model with
+        neither is refused."""
+        if self.llm.metadata.get("tokenizer.chat_template"):
+            return "file"
+        arch = self.llm.metadata.get("general.architecture", "")
+        if arch not in BUILTIN_TEMPLATES:
+            raise Refusal(f"this model has no chat template: its file gives no chat format "
+                          f"(tokenizer.chat_template), and llama.cpp has none for its "
+                          f"architecture ({arch}); use `qmgr run` with a raw prompt in the "
+                          "model's own format", code="no_chat_template")
+        return f"llama.cpp:{BUILTIN_TEMPLATES[arch]}"
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt ``messages`` make, ready for the model's answer: with the chat template
-        stored in the GGUF (``tokenizer.chat_template``), rendered by llama-cpp-python's
-        ``Jinja2ChatFormatter``; a file without one gets llama.cpp's built-in template for its
-        family where there is one (:data:`BUILTIN_TEMPLATES`), and is refused otherwise
-        rather than given a guessed format."""
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if template:
+        """The prompt ``messages`` make, ready for the model's answer, in :meth:`chat_format`:
+        the chat template stored in the GGUF rendered by llama-cpp-python's
+        ``Jinja2ChatFormatter``, or llama.cpp's built-in template."""
+        chat_format = self.chat_format()
+        if chat_format == "file":
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             formatter = Jinja2ChatFormatter(
-                template=template, eos_token=self._token_text(self.llm.token_eos()),
+                template=self.llm.metadata["tokenizer.chat_template"],
+                eos_token=self._token_text(self.llm.token_eos()),
                 bos_token=self._token_text(self.llm.token_bos()))
             return str(formatter(messages=messages).prompt)  # type: ignore[arg-type]
-        arch = self.llm.metadata.get("general.architecture", "")
-        if arch not in BUILTIN_TEMPLATES:
-            raise ValueError(f"this model has no chat template (tokenizer.chat_template) and "
-                             f"llama.cpp has none for its architecture ({arch}): use generate, "
-                             "with a prompt in the model's own format")
-        return builtin_template(BUILTIN_TEMPLATES[arch], messages)
+        return builtin_template(chat_format.removeprefix("llama.cpp:"), messages)
 
     def _token_text(self, token: int) -> str:
         return self.llm._model.token_get_text(token) if token != -1 else ""

@@ -644,6 +644,7 @@ GENERATE_BODY = {
 async def generate(d: Daemon, request: Request) -> Response:
     """Newline-delimited JSON: ``{"text": ...}`` pieces, then ``{"done": stats}``."""
     import asyncio
+    import contextlib
     import json
     import threading
 
@@ -660,11 +661,15 @@ async def generate(d: Daemon, request: Request) -> Response:
     req["params"] = body.get("params") or {}
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    gone = threading.Event()  # the client closed the stream (qmgr chat's Ctrl-C)
 
     def work() -> None:
         try:
-            for msg in runner.request(req):
-                loop.call_soon_threadsafe(queue.put_nowait, msg)
+            with contextlib.closing(runner.request(req)) as answers:
+                for msg in answers:
+                    if gone.is_set():
+                        break  # closing the request cancels the generation in the runner
+                    loop.call_soon_threadsafe(queue.put_nowait, msg)
         except QmgrError as e:
             loop.call_soon_threadsafe(queue.put_nowait, e.to_dict())
         finally:
@@ -673,8 +678,11 @@ async def generate(d: Daemon, request: Request) -> Response:
     threading.Thread(target=work, daemon=True).start()
 
     async def lines() -> Any:
-        while (msg := await queue.get()) is not None:
-            yield json.dumps(msg) + "\n"
+        try:
+            while (msg := await queue.get()) is not None:
+                yield json.dumps(msg) + "\n"
+        finally:
+            gone.set()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -14,6 +14,7 @@ A backend loads a GGUF file with a placement and serves one session::
     class Session:
         def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]: ...
         def chat(self, messages: list[dict], params: GenParams) -> Iterator[Piece]: ...
+        def chat_format(self) -> str: ...    # "file": the chat template in the GGUF
         def score(self, tokens: list[int], n_ctx: int,
                   want_distributions: bool = False) -> Iterator[Scores]: ...
         def tokenize(self, text: str) -> list[int]: ...
@@ -21,7 +22,12 @@ A backend loads a GGUF file with a placement and serves one session::
 
 Sessions run in a runner process of qmgr's (``python -m qmgr.run.runner``), one per loaded
 model, never in the daemon: a native engine that crashes takes its runner down, not the
-catalog. The placement in ``LoadOptions`` comes from the fit estimator.
+catalog. The placement in ``LoadOptions`` comes from the fit estimator. The runner closes the
+iterator of a generation that its client stopped reading (``qmgr chat``'s Ctrl-C): the
+backend stops before its next token.
+
+A backend raises :class:`Refusal` for what it cannot do with a model (chat with a model that
+has no chat format): its code and message reach the user as they are.
 """
 
 from __future__ import annotations
@@ -79,10 +85,28 @@ class Scores:
     distributions: Any = None
 
 
+class Refusal(Exception):
+    """What a backend will not do with this model, and why: a stable ``code`` and a message a
+    person can act on (any other exception reaches the user as ``backend_failed``, its type
+    first)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
 class Session(Protocol):
     def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]: ...
 
     def chat(self, messages: list[dict[str, str]], params: GenParams) -> Iterator[Piece]: ...
+
+    def chat_format(self) -> str:
+        """Which chat format ``chat`` renders messages in, shown to the user: ``"file"`` for
+        the chat template stored in the model's file, else the backend's name for the one it
+        uses instead; raises :class:`Refusal` (code ``no_chat_template``) when the model has
+        none, rather than guessing one."""
+        ...
 
     def tokenize(self, text: str) -> list[int]: ...
 

@@ -16,13 +16,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qmgr.errors import QmgrError
 from qmgr.run.contract import LoadOptions
+from qmgr.run.crash import crash_error
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class Runner:
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     busy: bool = False
+    # The final line of the last request: its stats, ``cancelled`` when its client left.
+    last: dict[str, Any] | None = None
+    # Requests are written under ``lock``; a cancel or an exit may come from another thread.
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def rss(self) -> int | None:
         try:
@@ -55,35 +60,75 @@ class Runner:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def request(self, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Send one request; yield its answer lines up to the final one."""
+    def _write(self, req: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        with self.write_lock:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+
+    def died(self, doing: str) -> QmgrError:
+        """Why the runner is gone: killed by a signal (a crash of the engine), or an exit."""
+        returncode = self.proc.wait()
+        if returncode < 0:
+            return crash_error(self.backend, returncode, f"{doing} {self.ref}")
+        return QmgrError(f"the runner of {self.ref} exited (status {returncode}) while "
+                         f"{doing}; see the daemon log", code="runner_died", http_status=500)
+
+    def request(self, req: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
+        """Send one request; yield its answer lines up to the final one. Closing the iterator
+        before the final line (the client went away) cancels the generation in the runner
+        and waits for it to stop, so the next request finds the runner idle."""
         with self.lock:
             self.busy = True
+            finished = False
+            assert self.proc.stdout is not None
             try:
-                assert self.proc.stdin is not None and self.proc.stdout is not None
                 try:
-                    self.proc.stdin.write(json.dumps(req) + "\n")
-                    self.proc.stdin.flush()
-                except BrokenPipeError as e:
-                    raise QmgrError(f"the runner of {self.ref} is gone (see the daemon log)",
-                                    code="runner_died") from e
+                    self._write(req)
+                except BrokenPipeError:
+                    finished = True
+                    raise self.died("generating with") from None
                 for line in self.proc.stdout:
-                    msg = json.loads(line)
-                    yield msg
+                    try:
+                        msg = json.loads(line)
+                    except ValueError:
+                        continue  # a native library writing to stdout
                     if "done" in msg or "error" in msg:
+                        finished = True
+                        self.last = msg.get("done") or msg
+                    yield msg
+                    if finished:
                         return
-                raise QmgrError(f"the runner of {self.ref} died (exit {self.proc.wait()}); see "
-                                "the daemon log", code="runner_died")
+                finished = True
+                raise self.died("generating with")
             finally:
+                if not finished:
+                    self._cancel()
                 self.busy = False
                 self.last_used = time.monotonic()
+
+    def _cancel(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            self._write({"op": "cancel"})
+        except BrokenPipeError:
+            return
+        for line in self.proc.stdout:  # the rest of the answer, up to its final line
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if "done" in msg or "error" in msg:
+                self.last = msg.get("done") or msg
+                log.info("%s: generation cancelled (its client left)", self.ref)
+                return
 
     def stop(self) -> None:
         if self.alive():
             try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
-                self.proc.stdin.flush()
+                # A cancel first: a request in progress ends at its next token.
+                self._write({"op": "cancel"})
+                self._write({"op": "exit"})
                 self.proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired, AssertionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -94,7 +139,7 @@ class Runner:
                 "ctx": self.options.n_ctx, "gpu_layers": self.options.n_gpu_layers,
                 "kv_type": self.options.kv_type, "rss": self.rss(), "busy": self.busy,
                 "placement": self.placement, "loaded_at": self.loaded_at,
-                "idle_s": round(time.monotonic() - self.last_used, 1)}
+                "idle_s": round(time.monotonic() - self.last_used, 1), "last": self.last}
 
 
 class ModelManager:
@@ -125,19 +170,29 @@ class ModelManager:
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                 bufsize=1, start_new_session=True)
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({"backend": backend, "path": path,
-                                     "options": options.to_dict()}) + "\n")
-        proc.stdin.flush()
+        try:
+            proc.stdin.write(json.dumps({"backend": backend, "path": path,
+                                         "options": options.to_dict()}) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died before reading: its exit status says how (below)
         line = proc.stdout.readline()
         try:
             answer = json.loads(line) if line else {}
         except ValueError:
             answer = {}
         if "ready" not in answer:
-            proc.kill()
-            proc.wait()
-            err = answer.get("error") or {"message": "the runner exited while loading (see "
-                                                     "the daemon log)"}
+            if line:  # its error, or not the protocol at all
+                proc.kill()
+            try:
+                returncode = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # its stdout closed, and yet it lives on
+                proc.kill()
+                returncode = proc.wait()
+            if not line and returncode < 0:
+                raise crash_error(backend, returncode, f"loading {ref}")
+            err = answer.get("error") or {"message": f"the runner exited (status {returncode})"
+                                                     " while loading (see the daemon log)"}
             raise QmgrError(f"cannot load {ref}: {err['message']}", code="load_failed",
                             http_status=500)
         log.info("loaded %s (pid %d, ctx %d, %d GPU layers)", ref, proc.pid, options.n_ctx,
@@ -164,8 +219,12 @@ class ModelManager:
                         if not r.alive() or (not r.busy and now - r.last_used > self.keep_alive)]
                 runners = [self.runners.pop(k) for k in idle]
             for r in runners:
-                log.info("unloading %s (idle)", r.ref)
-                r.stop()
+                if r.alive():
+                    log.info("unloading %s (idle)", r.ref)
+                    r.stop()
+                else:
+                    log.warning("the runner of %s ended by itself (exit status %s)", r.ref,
+                                r.proc.wait())
 
     def shutdown(self) -> None:
         self.stopping.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from qmgr.catalog.models import Eval, Model, Variant, VariantState
 from qmgr.daemon.jobs import JobHandle, run_worker
 from qmgr.errors import QmgrError
 from qmgr.eval import read_text
+from qmgr.run.crash import crash_error
+from qmgr.run.service import check_ctx
 
 log = logging.getLogger(__name__)
 
 BUILTIN_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval.txt"
 BENCH_RUNS = 3
+WORKER_DIED = re.compile(r"the worker died \(exit (-?\d+)\); see the daemon log")
 
 
 def precision_rank(v: Variant) -> float:
@@ -131,8 +135,9 @@ class Measuring:
         targets = [t for t in self.variants(args["ref"], args.get("variants"))
                    if t[0] != base_ref]
         text_path = Path(args.get("text") or BUILTIN_TEXT)
-        request = {"backend": "llama.cpp", "text": str(text_path),
-                   "n_ctx": int(args.get("ctx") or 512),
+        n_ctx = int(args.get("ctx") or 512)
+        check_ctx(base_ref, self.running.variant(base_ref)[2], n_ctx)
+        request = {"backend": "llama.cpp", "text": str(text_path), "n_ctx": n_ctx,
                    "base": {"ref": base_ref, "path": base_path},
                    "variants": [{"ref": r, "path": p} for r, p in targets],
                    "max_tokens": args.get("max_tokens")}
@@ -151,8 +156,17 @@ class Measuring:
                 "builtin_text": text_path == BUILTIN_TEXT}
 
     def _worker(self, handle: JobHandle, request: dict[str, Any]) -> dict[str, Any]:
-        return run_worker(handle, "qmgr.eval.worker", request, "evaluating", self.env,
-                          "eval_failed")
+        try:
+            return run_worker(handle, "qmgr.eval.worker", request, "evaluating", self.env,
+                              "eval_failed")
+        except QmgrError as e:
+            # run_worker tells a worker that died without an answer by its exit status only.
+            died = WORKER_DIED.fullmatch(e.message) if e.code == "eval_failed" else None
+            if died is None or int(died[1]) >= 0:
+                raise
+            step = handle.progress.get("message")  # the worker's last: "loading gemma:F16"
+            doing = f"evaluating {handle.arguments['ref']}" + (f" ({step})" if step else "")
+            raise crash_error(request["backend"], int(died[1]), doing) from None
 
 
 def measured(catalog: Catalog, model: str) -> dict[str, dict[str, float]]:

@@ -5,18 +5,28 @@ options; the runner answers ``{"ready": {...}}`` (or ``{"error": ...}`` and exit
 request per line — ``{"op": "generate", "prompt": ..., "params": {...}}``,
 ``{"op": "chat", "messages": [...], "params": {...}}``, ``{"op": "exit"}`` — each answered by
 ``{"text": ...}`` lines and a final ``{"done": {stats}}`` or ``{"error": ...}``.
+
+``{"op": "cancel"}`` stops the generation in progress (it is read while the runner generates;
+between requests it does nothing): the request ends with ``{"done": {"cancelled": true,
+"pieces": N}}``, N the text pieces sent. A chat with no messages generates nothing: it
+answers ``{"done": {"chat_format": ...}}`` (the session's ``chat_format()``), or the error that
+this model cannot chat, so a chat can be refused before anyone types.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import queue
 import sys
+import threading
 import traceback
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from qmgr.run.contract import GenParams, LoadOptions
+from qmgr.run.contract import GenParams, LoadOptions, Refusal
 from qmgr.workerio import emit
 
 
@@ -38,30 +48,82 @@ def rss() -> int:
     return 0
 
 
-def serve(session: Any) -> None:
-    for line in sys.stdin:
+class Requests:
+    """The request lines on stdin, read on a thread of its own (the main thread reads nothing
+    while it generates) so that a cancel is seen at once. A cancel applies to the request
+    read last before it: the daemon sends one only while that request is being answered, so
+    a late cancel (the answer was finished) never stops the next request."""
+
+    def __init__(self, lines: Iterable[str]):
+        self.pending: queue.Queue[tuple[int, str] | None] = queue.Queue()
+        self.cancelled_upto = 0  # requests numbered from 1; those up to this one are cancelled
+        threading.Thread(target=self._read, args=(lines,), daemon=True, name="requests").start()
+
+    def _read(self, lines: Iterable[str]) -> None:
+        number = 0
+        for line in lines:
+            try:
+                is_cancel = json.loads(line).get("op") == "cancel"
+            except (ValueError, AttributeError):
+                is_cancel = False
+            if is_cancel:
+                self.cancelled_upto = number
+            else:
+                number += 1
+                self.pending.put((number, line))
+        self.pending.put(None)
+
+    def cancelled(self, number: int) -> bool:
+        return self.cancelled_upto >= number
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        while (item := self.pending.get()) is not None:
+            yield item
+
+
+def answer(session: Any, req: dict[str, Any], cancelled: Callable[[], bool]) -> None:
+    op = req.get("op")
+    params = GenParams.from_dict(req.get("params") or {})
+    if op == "generate":
+        pieces = session.generate(req["prompt"], params)
+    elif op == "chat" and not req["messages"]:
+        chat_format = getattr(session, "chat_format", None)
+        emit({"done": {"chat_format": chat_format() if chat_format else "backend",
+                       "rss": rss()}})
+        return
+    elif op == "chat":
+        pieces = session.chat(req["messages"], params)
+    else:
+        emit({"error": {"code": "bad_request", "message": f"unknown op {op!r}"}})
+        return
+    sent = 0
+    for piece in pieces:
+        if cancelled():
+            # Closing the backend's generator stops it before its next token.
+            getattr(pieces, "close", lambda: None)()
+            emit({"done": {"cancelled": True, "pieces": sent, "rss": rss()}})
+            return
+        if piece.text:
+            emit({"text": piece.text})
+            sent += 1
+        if piece.done:
+            emit({"done": {**(piece.stats or {}), "rss": rss()}})
+
+
+def serve(session: Any, lines: Iterable[str]) -> None:
+    requests = Requests(lines)
+    for number, line in requests:
         try:
             req = json.loads(line)
         except ValueError:
             emit({"error": {"code": "bad_request", "message": "not JSON"}})
             continue
-        op = req.get("op")
-        if op == "exit":
+        if req.get("op") == "exit":
             return
         try:
-            params = GenParams.from_dict(req.get("params") or {})
-            if op == "generate":
-                pieces = session.generate(req["prompt"], params)
-            elif op == "chat":
-                pieces = session.chat(req["messages"], params)
-            else:
-                emit({"error": {"code": "bad_request", "message": f"unknown op {op!r}"}})
-                continue
-            for piece in pieces:
-                if piece.text:
-                    emit({"text": piece.text})
-                if piece.done:
-                    emit({"done": {**(piece.stats or {}), "rss": rss()}})
+            answer(session, req, functools.partial(requests.cancelled, number))
+        except Refusal as e:
+            emit({"error": {"code": e.code, "message": e.message}})
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             emit({"error": {"code": "backend_failed", "message": f"{type(e).__name__}: {e}"}})
@@ -79,7 +141,7 @@ def main() -> int:
         return 1
     emit({"ready": {"pid": os.getpid(), "rss": rss(), "backend": backend.name}})
     try:
-        serve(session)
+        serve(session, sys.stdin)
     finally:
         session.close()
     return 0

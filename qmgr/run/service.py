@@ -16,6 +16,19 @@ from qmgr.run.manager import ModelManager, Runner
 DEFAULT_CTX = 4096
 
 
+def check_ctx(name: str, facts: dict[str, Any], ctx: int) -> None:
+    """Refuse a context the model was not trained for (``context_length`` in its header):
+    past it, without RoPE scaling, llama.cpp's answers degrade into nonsense, with only a
+    warning in its log. Before anything loads: asking costs no memory."""
+    trained = facts.get("context_length")
+    if ctx < 1:
+        raise QmgrError(f"--ctx {ctx}: a context is at least 1 token", code="bad_request")
+    if trained and ctx > trained:
+        raise QmgrError(f"--ctx {ctx} is more than {name} was trained for ({trained} tokens, "
+                        f"context_length in its file): past it the model's answers degrade; "
+                        f"use --ctx {trained} or less", code="ctx_too_large")
+
+
 class Running:
     def __init__(self, catalog: Catalog, fitter: Any, manager: ModelManager):
         self.catalog = catalog
@@ -33,6 +46,8 @@ class Running:
     def runner(self, ref: str, ctx: int | None = None, kv_type: str = "f16",
                hw: str | None = None, backend: str | None = None) -> Runner:
         name, paths, facts = self.variant(ref)
+        if ctx:
+            check_ctx(name, facts, ctx)
         n_ctx = ctx or min(DEFAULT_CTX, facts.get("context_length") or DEFAULT_CTX)
         shape = ModelShape.from_headers([gguf.read_header(p) for p in paths])
         devices = self.fitter.hardware(hw).devices
