@@ -38,6 +38,8 @@ import logging
 import math
 import re
 import secrets
+import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -123,21 +125,38 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.bytes_sent += len(body)
 
 
+def tls_for_loopback(folder: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with a self-signed certificate for 127.0.0.1, and the certificate's
+    path (for ``QMGR_CA_BUNDLE``): the Hub and its CDN speak https, as the real ones do."""
+    key, cert = folder / "replay-key.pem", folder / "replay-cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context, cert
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, app: Callable[[_Handler, Request], None]):
+    def __init__(self, app: Callable[[_Handler, Request], None],
+                 tls: ssl.SSLContext | None = None):
         self.app = app
         self.requests: list[Request] = []
         self.bytes_sent = 0
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
+        self.scheme = "http"
+        if tls is not None:
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server_address[1]}"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up between requests is no error of ours (socketserver would
@@ -210,10 +229,10 @@ class SignedCDN:
 
     KEY_PAIR_ID = "K1LYXO563TGWFU"  # as in the recorded URLs; the secret below is ours
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.secret = secrets.token_bytes(32)
         self.objects: dict[str, bytes] = {}
-        self.server = _Server(self._app)
+        self.server = _Server(self._app, tls)
 
     @property
     def url(self) -> str:
@@ -600,14 +619,16 @@ class HubReplay:
     listing, the Hub's 1000 (50 with ``expand``) otherwise). ``token``: every repository is
     gated behind ``Authorization: Bearer TOKEN``. ``cdn_style``: "xet" or "lfs"
     (see :class:`SignedCDN`). ``small_files``: "direct" (200) or "resolve-cache" (a 307 to
-    ``/api/resolve-cache/...`` first, as the Hub answers small files today).
+    ``/api/resolve-cache/...`` first, as the Hub answers small files today). ``tls``: both
+    servers speak https, as the real ones do, with a certificate for 127.0.0.1 that
+    :attr:`ca_bundle` names (for ``QMGR_CA_BUNDLE``).
     """
 
     REPOS = (BARTOWSKI, UNSLOTH)
 
     def __init__(self, repos: Iterable[str] = REPOS, tmpdir: Path | None = None, *,
                  page_size: int | None = None, token: str | None = None,
-                 cdn_style: str = "xet", small_files: str = "direct"):
+                 cdn_style: str = "xet", small_files: str = "direct", tls: bool = False):
         self._own_scratch: tempfile.TemporaryDirectory[str] | None = None
         if tmpdir is None:
             self._own_scratch = tempfile.TemporaryDirectory(prefix="hub-")
@@ -618,10 +639,11 @@ class HubReplay:
         self.cdn_style = cdn_style
         self.small_files = small_files
         self.repos = {name: load_repo(name, scratch) for name in repos}
-        self.cdn = SignedCDN()
+        context, self.ca_bundle = tls_for_loopback(scratch) if tls else (None, None)
+        self.cdn = SignedCDN(context)
         for repo in self.repos.values():
             self._publish(repo)
-        self.server = _Server(self._app)
+        self.server = _Server(self._app, context)
 
     def _publish(self, repo: ReplayRepo) -> None:
         bucket = hashlib.sha256(repo.name.encode()).hexdigest()

@@ -150,3 +150,19 @@ def test_a_trickling_body_is_too_slow_and_fails_clearly(mirror: BadMirror) -> No
     finally:
         e.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_plain_http_endpoint_redirecting_elsewhere_needs_insecure(env: Env, mirror: BadMirror,
+                                                                    repo: Path) -> None:
+    """The user's plain-http endpoint (a mirror on the LAN) may be spoken to in http; a
+    redirect from it to plain http at another host is followed only with --insecure."""
+    other = BadMirror(repo)  # another host:port, serving the same files
+    try:
+        mirror.behavior["redirect_to"] = other.url
+        r = env.qmgr("pull", "hf.co/test/tiny:F16", check=False)
+        assert r.returncode == 1 and "another host" in r.stderr and "--insecure" in r.stderr
+        assert other.bytes_sent == 0
+        env.qmgr("pull", "--insecure", "hf.co/test/tiny:F16")
+        assert other.bytes_sent > 0 and [v["state"] for v in env.json("list")] == ["ready"]
+    finally:
+        other.stop()

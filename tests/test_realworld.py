@@ -112,13 +112,13 @@ class Log:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubReplay]:
-    with HubReplay(tmpdir=tmp_path_factory.mktemp("hub")) as replay:
+    with HubReplay(tmpdir=tmp_path_factory.mktemp("hub"), tls=True) as replay:
         yield replay
 
 
 @pytest.fixture(scope="module")
 def world(hub: HubReplay) -> Iterator[Env]:
-    yield from _env(QMGR_HF_ENDPOINT=hub.url)
+    yield from _env(QMGR_HF_ENDPOINT=hub.url, QMGR_CA_BUNDLE=str(hub.ca_bundle))
 
 
 def test_variants_of_a_vision_repository(world: Env, hub: HubReplay) -> None:
@@ -240,10 +240,10 @@ def test_fit_and_pull_fit_choose_among_quants_only(world: Env, hub: HubReplay) -
 
 
 def test_the_clients_token_goes_to_the_hub_never_to_the_cdn(qenv: Env, tmp_path: Path) -> None:
-    with HubReplay([UNSLOTH], tmp_path / "hub", token="secret") as gated:
+    with HubReplay([UNSLOTH], tmp_path / "hub", token="secret", tls=True) as gated:
         qenv.env.pop("HF_TOKEN", None)
         qenv.env.update(QMGR_HF_ENDPOINT=gated.url, QMGR_HW=HW, QMGR_RETRIES="1",
-                        QMGR_RETRY_BACKOFF="0.05")
+                        QMGR_RETRY_BACKOFF="0.05", QMGR_CA_BUNDLE=str(gated.ca_bundle))
         qenv.start()  # the daemon's environment has no token
         ref = f"hf.co/{UNSLOTH}:Q4_K_M"
         message = failed(qenv.qmgr("pull", ref, check=False))
@@ -265,13 +265,13 @@ def test_the_clients_token_goes_to_the_hub_never_to_the_cdn(qenv: Env, tmp_path:
 
 @pytest.fixture(scope="module")
 def liar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubReplay]:
-    with HubReplay([UNSLOTH], tmp_path_factory.mktemp("liar")) as replay:
+    with HubReplay([UNSLOTH], tmp_path_factory.mktemp("liar"), tls=True) as replay:
         yield replay
 
 
 @pytest.fixture(scope="module")
 def lied_to(liar: HubReplay) -> Iterator[Env]:
-    yield from _env(QMGR_HF_ENDPOINT=liar.url)
+    yield from _env(QMGR_HF_ENDPOINT=liar.url, QMGR_CA_BUNDLE=str(liar.ca_bundle))
 
 
 @contextmanager

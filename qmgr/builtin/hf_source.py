@@ -58,8 +58,9 @@ class HuggingFaceSource:
 
     def listing(self, ref: Reference, ctx: FetchContext) -> Listing:
         endpoint = self.endpoint(ctx)
-        # The endpoint is the user's own choice (a mirror on the LAN may be plain http).
-        insecure = ctx.insecure or endpoint.startswith("http://")
+        # The endpoint is the user's own choice (a mirror on the LAN may be plain http); that
+        # allows plain http there, not at another host it redirects to.
+        http_origin = endpoint.startswith("http://")
         headers = {}
         if ctx.env.get("HF_TOKEN"):
             headers["Authorization"] = f"Bearer {ctx.env['HF_TOKEN']}"
@@ -68,7 +69,9 @@ class HuggingFaceSource:
         entries: list[Any] = []
         pages = 0
         while url and pages < MAX_PAGES and len(entries) < MAX_ENTRIES:
-            page, response_headers = get_json(ctx.client, url, headers, insecure=insecure)
+            at_endpoint = urlsplit(url).netloc == urlsplit(endpoint).netloc
+            page, response_headers = get_json(ctx.client, url, headers, insecure=ctx.insecure,
+                                              http_origin=http_origin and at_endpoint)
             if not isinstance(page, list):
                 raise QmgrError(f"{ref.name}: the tree listing is not a list", code="bad_registry")
             entries += page

@@ -158,7 +158,7 @@ class Download:
         self.opts = opts
         self.progress = progress or (lambda done: None)
         self.cancel = cancel or threading.Event()
-        self.insecure = opts.insecure or remote.allow_http
+        self.insecure = opts.insecure
         if remote.sha256:
             check_digest(remote.sha256)
             key = remote.sha256
@@ -231,7 +231,7 @@ class Download:
     def _probe_size(self) -> int:
         """The size when the registry did not say: a HEAD request."""
         with request(self.client, "HEAD", self.remote.url, self.remote.headers,
-                     insecure=self.insecure) as r:
+                     insecure=self.insecure, http_origin=self.remote.allow_http) as r:
             if r.status_code >= 400:
                 raise FetchError(f"{redact(self.remote.url)}: HTTP {r.status_code}")
             linked = r.headers.get("x-linked-size") or r.headers.get("content-length")
@@ -523,6 +523,7 @@ class Download:
         if self._context is None and self.remote.url.startswith("https://"):
             self._context = ssl_context(self.opts.ca_bundle)
         with wire.get(self.client, self.remote.url, headers, insecure=self.insecure,
+                      http_origin=self.remote.allow_http,
                       stall=self.opts.stall_timeout, context=self._context) as r, \
                 self._open(r):
             if r.status >= 400:

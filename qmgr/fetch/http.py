@@ -102,24 +102,32 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def redirect_target(url: str, location: str, origin: str, headers: dict[str, str],
-                    insecure: bool) -> str:
+                    insecure: bool, http_origin: bool = False) -> str:
     """Where a redirect from ``url`` leads, if it may be followed; drops the credentials from
-    ``headers`` when it leaves ``origin`` (the host they were meant for)."""
+    ``headers`` when it leaves ``origin`` (the host they were meant for). ``http_origin``: the
+    user configured ``origin`` to speak plain http (a mirror on the LAN): that allows plain
+    http there, not at another host it redirects to, which needs ``--insecure``."""
     target = urljoin(url, location)
     if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
         raise QmgrError(f"refusing a redirect from https to {redact(target)}",
                         code="insecure_redirect")
-    check_scheme(target, insecure)
-    if urlsplit(target).netloc != origin:
+    same_host = urlsplit(target).netloc == origin
+    if urlsplit(target).scheme == "http" and not insecure and not (http_origin and same_host):
+        raise QmgrError(f"refusing a redirect to plain http at another host ({redact(target)}); "
+                        "pass --insecure if you trust it", code="insecure_redirect")
+    check_scheme(target, insecure or http_origin)
+    if not same_host:
         headers.pop("Authorization", None)  # the token is for the registry only
     return target
 
 
 @contextmanager
 def request(client: httpx.Client, method: str, url: str, headers: dict[str, str] | None = None,
-            *, insecure: bool = False, stream: bool = True) -> Iterator[httpx.Response]:
-    """Send a request, following redirects safely; yields the final response (streaming)."""
-    check_scheme(url, insecure)
+            *, insecure: bool = False, http_origin: bool = False,
+            stream: bool = True) -> Iterator[httpx.Response]:
+    """Send a request, following redirects safely; yields the final response (streaming).
+    ``http_origin``: plain http is allowed at ``url``'s host (see :func:`redirect_target`)."""
+    check_scheme(url, insecure or http_origin)
     headers = dict(headers or {})
     origin = urlsplit(url).netloc
     for _hop in range(MAX_REDIRECTS + 1):
@@ -141,7 +149,8 @@ def request(client: httpx.Client, method: str, url: str, headers: dict[str, str]
             raise FetchError(f"{redact(url)}: {type(e).__name__}: {e}") from e
         if response.status_code in REDIRECTS and "location" in response.headers:
             response.close()
-            url = redirect_target(url, response.headers["location"], origin, headers, insecure)
+            url = redirect_target(url, response.headers["location"], origin, headers, insecure,
+                                  http_origin)
             continue
         try:
             yield response
@@ -157,7 +166,7 @@ DOCUMENT_DEADLINE_S = 120.0
 
 
 def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = None, *,
-             insecure: bool = False, limit: int = 64 << 20,
+             insecure: bool = False, http_origin: bool = False, limit: int = 64 << 20,
              deadline_s: float = DOCUMENT_DEADLINE_S) -> tuple[Any, httpx.Headers]:
     """GET a JSON document (bounded in size and time); raises a clear error on HTTP errors."""
     import json
@@ -165,7 +174,7 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
 
     started = time.monotonic()
 
-    with request(client, "GET", url, headers, insecure=insecure) as r:
+    with request(client, "GET", url, headers, insecure=insecure, http_origin=http_origin) as r:
         if r.status_code == 401 or r.status_code == 403:
             raise QmgrError(f"{redact(url)}: access denied ({r.status_code}); for a gated "
                             "repository set HF_TOKEN", code="unauthorized", http_status=403)

@@ -23,7 +23,7 @@ class RangeSource:
             raise QmgrError(f"{remote.name}: size unknown; cannot read its header remotely")
         self.client = client
         self.remote = remote
-        self.insecure = insecure or remote.allow_http
+        self.insecure = insecure
         self.bytes_read = 0
         self.requests = 0
 
@@ -40,7 +40,8 @@ class RangeSource:
         headers["Range"] = f"bytes={offset}-{offset + size - 1}"
         self.requests += 1
         out = bytearray()
-        with request(self.client, "GET", self.remote.url, headers, insecure=self.insecure) as r:
+        with request(self.client, "GET", self.remote.url, headers, insecure=self.insecure,
+                     http_origin=self.remote.allow_http) as r:
             if r.status_code not in (200, 206):
                 raise FetchError(f"{redact(self.remote.url)}: HTTP {r.status_code}")
             skip = offset if r.status_code == 200 else 0  # a server that ignores Range

@@ -155,11 +155,13 @@ def _proxied(url: str) -> bool:
 
 @contextmanager
 def get(client: httpx.Client, url: str, headers: dict[str, str], *, insecure: bool,
+        http_origin: bool = False,
         stall: float, context: ssl.SSLContext | None) -> Iterator[Body]:
     """GET ``url`` (following redirects safely); yields the final response's :class:`Body`."""
-    check_scheme(url, insecure)
+    check_scheme(url, insecure or http_origin)
     if _proxied(url):
-        with request(client, "GET", url, headers, insecure=insecure) as r:
+        with request(client, "GET", url, headers, insecure=insecure,
+                     http_origin=http_origin) as r:
             yield HttpxBody(r, url, stall)
         return
     headers = {"User-Agent": USER_AGENT, **headers}
@@ -169,7 +171,7 @@ def get(client: httpx.Client, url: str, headers: dict[str, str], *, insecure: bo
         try:
             location = response.getheader("location")
             if response.status in REDIRECTS and location:
-                url = redirect_target(url, location, origin, headers, insecure)
+                url = redirect_target(url, location, origin, headers, insecure, http_origin)
                 continue
             yield SocketBody(conn, response, url)
             return
