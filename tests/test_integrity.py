@@ -166,3 +166,28 @@ def test_a_plain_http_endpoint_redirecting_elsewhere_needs_insecure(env: Env, mi
         assert other.bytes_sent > 0 and [v["state"] for v in env.json("list")] == ["ready"]
     finally:
         other.stop()
+
+
+def test_recovery_rehashes_a_store_blob_written_since_it_was_verified(env: Env) -> None:
+    import os
+
+    env.qmgr("pull", "hf.co/test/tiny:F16")
+    [row] = env.json("list")
+    blob = Path(row["paths"][0])
+    env.stop()
+    os.utime(blob, ns=(blob.stat().st_atime_ns, blob.stat().st_mtime_ns + 10**9))  # touched
+    env.start()
+    assert env.json("status")["recovery"]["rehashed"] == 1
+    assert env.json("list")[0]["state"] == "ready"
+    env.stop()
+    with blob.open("r+b") as f:  # the same size, one byte changed
+        f.seek(blob.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    env.start()
+    recovery = env.json("status")["recovery"]
+    assert recovery["rehashed"] == 1 and len(recovery["quarantined"]) == 1
+    assert env.json("list")[0]["state"] == "missing" and not blob.exists()
+    env.qmgr("pull", "hf.co/test/tiny:F16")  # fetched again, verified
+    assert env.json("list")[0]["state"] == "ready" and sha256_of(blob) == row["sha256"]

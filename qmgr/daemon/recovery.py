@@ -4,7 +4,9 @@ Runs after migrations and before the daemon reports READY:
 
 - a blob whose file is gone makes its variants ``missing``; one that came back with the size and
   modification time it was verified with makes them ``ready`` again; one whose size changed
-  makes them ``modified`` (re-import to verify the new bytes);
+  makes them ``modified`` (re-import to verify the new bytes); a store blob of the right size
+  but another modification time is hashed again: kept if its bytes still match its name, else
+  quarantined (its variants ``missing``, for a pull to fetch again);
 - a partial download (``.partial`` with its ``.state``) is kept for the pull that resumes it,
   unless it is older than ``partial_max_age`` (default 7 days); other partial files (an
   interrupted copy) are removed;
@@ -18,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -37,6 +40,7 @@ class Report:
     partials_removed: int = 0
     partials_kept: int = 0
     orphans_kept: int = 0
+    rehashed: int = 0
     quarantined: list[str] = field(default_factory=list)
 
 
@@ -56,8 +60,23 @@ def reconcile(catalog: Catalog, store: Store, partial_max_age: float = PARTIAL_M
                 continue
             if st.st_size != blob.size:
                 report.modified += queries.set_state_for_blob(session, blob, VariantState.MODIFIED)
-            elif blob.in_store or st.st_mtime_ns == blob.mtime_ns:
+            elif st.st_mtime_ns == blob.mtime_ns:
                 report.restored += queries.set_state_for_blob(session, blob, VariantState.READY)
+            elif blob.in_store:
+                # Written since it was verified (or never timed): its name is a promise only
+                # its bytes can keep. Hashed; bytes that break it go to quarantine.
+                report.rehashed += 1
+                if hash_file(Path(blob.path))[0] == blob.sha256:
+                    blob.mtime_ns = st.st_mtime_ns
+                    report.restored += queries.set_state_for_blob(session, blob,
+                                                                  VariantState.READY)
+                else:
+                    target = store.quarantine / Path(blob.path).name
+                    os.replace(blob.path, target)
+                    report.quarantined.append(str(target))
+                    log.warning("quarantined %s: its bytes no longer match its name", blob.path)
+                    report.missing += queries.set_state_for_blob(session, blob,
+                                                                 VariantState.MISSING)
             else:
                 report.modified += queries.set_state_for_blob(session, blob, VariantState.MODIFIED)
     now = time.time()
