@@ -52,3 +52,21 @@ class GGUFError(QmgrError):
 
     code = "gguf_invalid"
     http_status = 422
+
+
+def as_qmgr_error(exc: BaseException) -> QmgrError | None:
+    """An error of the machine that a person can act on, as a QmgrError: a full disk (from a
+    file write or from the catalog's SQLite). None for a real bug."""
+    import errno
+
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return QmgrError(f"no space left on the disk{where}: free some (`qmgr rm` variants you "
+                         "do not use, or other files), then try again", code="no_space",
+                         http_status=507)
+    if "database or disk is full" in text:
+        return QmgrError("no space left for the catalog's database: free some disk space "
+                         "(`qmgr rm` variants you do not use, or other files), then try again",
+                         code="no_space", http_status=507)
+    return None

@@ -27,10 +27,11 @@ from starlette.routing import Route
 
 import qmgr
 from qmgr.catalog import queries
+from qmgr.daemon.access import check_caller, check_readable_by
 from qmgr.daemon.importer import catalog_file
 from qmgr.daemon.peercred import caller
 from qmgr.daemon.state import Daemon
-from qmgr.errors import QmgrError
+from qmgr.errors import QmgrError, as_qmgr_error
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,36 @@ def _json_body(request: Request) -> dict[str, Any]:
     return request.state.json
 
 
+# A request body is a few hundred bytes of JSON (a reference, some paths, chat messages):
+# 8 MiB leaves room for a long conversation and none for a client that streams forever.
+MAX_BODY = 8 << 20
+BODY_DEADLINE_S = 30.0
+
+
+async def _read_body(request: Request) -> bytes:
+    """The request's body, refused past MAX_BODY bytes or BODY_DEADLINE_S seconds."""
+    import asyncio
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise QmgrError(f"request body larger than {MAX_BODY} bytes",
+                                code="too_large", http_status=413)
+        return bytes(body)
+
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        raise QmgrError(f"request body larger than {MAX_BODY} bytes", code="too_large",
+                        http_status=413)
+    try:
+        return await asyncio.wait_for(read(), BODY_DEADLINE_S)
+    except TimeoutError:
+        raise QmgrError(f"request body not received within {BODY_DEADLINE_S:.0f} s",
+                        code="timeout", http_status=408) from None
+
+
 def _parse_body(raw: bytes, schema: dict[str, Any] | None) -> dict[str, Any]:
     import json
 
@@ -101,8 +132,15 @@ def _parse_body(raw: bytes, schema: dict[str, Any] | None) -> dict[str, Any]:
     else:
         try:
             data = json.loads(raw)
+        except RecursionError:
+            raise QmgrError("request body is nested too deep", code="bad_request") from None
         except ValueError as e:
             raise QmgrError(f"request body is not JSON: {e}", code="bad_request") from e
+        try:  # a lone surrogate (\udc80) decodes, then breaks every path and message
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise QmgrError("request body has text that is not valid UTF-8 (a lone "
+                            "surrogate)", code="bad_request") from None
     if not isinstance(data, dict):
         raise QmgrError("request body must be a JSON object", code="bad_request")
     if schema is not None:
@@ -253,6 +291,7 @@ def import_files(d: Daemon, request: Request) -> dict[str, Any]:
     results = []
     for p in paths:
         try:
+            check_readable_by(p, caller(request.client))
             variant, created = catalog_file(d.catalog, d.store, Path(p),
                                             copy=bool(body.get("copy")), name=name)
             results.append({"path": p, "created": created, "variant": variant})
@@ -274,7 +313,9 @@ WATCH_BODY = {"type": "object", "required": ["path"],
 
 @endpoint("POST", "/v1/watches", "Watch a folder", body=WATCH_BODY)
 def add_watch(d: Daemon, request: Request) -> dict[str, Any]:
-    return d.watcher.add(_json_body(request)["path"])
+    path = _json_body(request)["path"]
+    check_readable_by(path, caller(request.client))
+    return d.watcher.add(path)
 
 
 @endpoint("DELETE", "/v1/watches", "Stop watching a folder (?path=DIR)")
@@ -409,6 +450,7 @@ IMATRIX_BODY = {"type": "object", "required": ["ref", "text"],
 def start_imatrix(d: Daemon, request: Request) -> dict[str, Any]:
     body = _json_body(request)
     text = body["text"]
+    check_readable_by(text, caller(request.client))
     if not Path(text).is_absolute() or not Path(text).is_file():
         raise QmgrError("give 'ref' and 'text', the absolute path of a calibration text file",
                         code="bad_request")
@@ -562,13 +604,31 @@ def openapi(app_title: str = "qmgrd") -> dict[str, Any]:
 
 def _route(d: Daemon, e: Endpoint) -> Route:
     async def handle(request: Request) -> Response:
+        check_caller(caller(request.client), d.settings.system, d.settings.socket)
+        _check_path_params(request)
         request.state.env = client_env(d, request)
-        request.state.json = _parse_body(await request.body(), e.body)
+        request.state.json = _parse_body(await _read_body(request), e.body)
         # Catalog work blocks (SQLite, hashing): run it in the thread pool.
         result = await run_in_threadpool(e.handler, d, request)
         return result if isinstance(result, Response) else JSONResponse(result)
 
     return Route(e.path, handle, methods=[e.method], name=e.handler.__name__)
+
+
+def _check_path_params(request: Request) -> None:
+    """Ids and names in the path that no row can have answer 404 or 400 here, before they
+    reach SQL (an integer past 64 bits overflows SQLite's; a lone surrogate cannot be
+    encoded)."""
+    for key, value in request.path_params.items():
+        if isinstance(value, int) and not 0 <= value < 1 << 63:
+            raise QmgrError(f"no such {key}: {value}", code="not_found", http_status=404)
+        if isinstance(value, str):
+            if len(value) > 4096:
+                raise QmgrError(f"{key} is longer than 4096 characters", code="bad_request")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise QmgrError(f"{key} is not valid UTF-8", code="bad_request") from None
 
 
 def _error_response(code: str, message: str, status: int) -> JSONResponse:
@@ -585,6 +645,8 @@ async def job_events(d: Daemon, request: Request) -> Response:
 
     from qmgr.daemon.jobs import TERMINAL
 
+    check_caller(caller(request.client), d.settings.system, d.settings.socket)
+    _check_path_params(request)
     client_env(d, request)
     job_id = request.path_params["job_id"]
     first = await run_in_threadpool(d.jobs.get, job_id)  # 404 before the stream starts
@@ -650,8 +712,9 @@ async def generate(d: Daemon, request: Request) -> Response:
 
     from starlette.responses import StreamingResponse
 
+    check_caller(caller(request.client), d.settings.system, d.settings.socket)
     client_env(d, request)
-    body = _parse_body(await request.body(), GENERATE_BODY)
+    body = _parse_body(await _read_body(request), GENERATE_BODY)
     if ("prompt" in body) == ("messages" in body):
         raise QmgrError("give either 'prompt' or 'messages'", code="bad_request")
     runner = await run_in_threadpool(d.running.runner, body["ref"], body.get("ctx"),
@@ -702,6 +765,8 @@ MEASURE_BODY = {
 def start_eval(d: Daemon, request: Request) -> dict[str, Any]:
     body = _json_body(request)
     text = body.get("text")
+    if text:
+        check_readable_by(text, caller(request.client))
     if text and (not Path(text).is_absolute() or not Path(text).is_file()):
         raise QmgrError(f"--text {text}: not a file", code="bad_request")
     d.measuring.variants(body["ref"], body.get("variants"))  # fail before a job exists
@@ -763,6 +828,9 @@ def build_app(d: Daemon) -> Starlette:
         return _error_response("http_error", str(exc.detail), exc.status_code)
 
     async def on_crash(request: Request, exc: Exception) -> Response:
+        known = as_qmgr_error(exc)
+        if known is not None:
+            return _error_response(known.code, known.message, known.http_status)
         log.exception("internal error on %s %s", request.method, request.url.path)
         return _error_response("internal", f"internal error: {type(exc).__name__}: {exc} "
                                "(the daemon log has the details)", 500)

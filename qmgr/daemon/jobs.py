@@ -29,7 +29,7 @@ from sqlalchemy import select
 
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Job, JobState
-from qmgr.errors import NotFound, QmgrError
+from qmgr.errors import NotFound, QmgrError, as_qmgr_error
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +345,11 @@ class JobRunner:
             if handle.cancel_reason == "user":
                 final = {"state": JobState.CANCELLED, "error": "cancelled",
                          "error_code": "cancelled"}
-            elif isinstance(e, QmgrError):
-                final = {"state": JobState.FAILED, "error": e.message, "error_code": e.code}
+            elif isinstance(e, QmgrError) or as_qmgr_error(e) is not None:
+                known = e if isinstance(e, QmgrError) else as_qmgr_error(e)
+                assert known is not None
+                final = {"state": JobState.FAILED, "error": known.message,
+                         "error_code": known.code}
             else:
                 log.exception("job %d failed", handle.id)
                 final = {"state": JobState.FAILED, "error_code": "internal",
