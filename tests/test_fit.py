@@ -16,9 +16,14 @@ from badmirror import BadMirror
 from conftest import Env
 from ladder import ladder_types_small, make_ladder_gguf, make_ladder_repo
 
-from qmgr.fit.estimate import GiB, MiB, ModelShape, kv_bytes, kv_cells, place
-from qmgr.fit.policy import Candidate, decide
+from qmgr.fit.estimate import CUDA_CONTEXT, GiB, MiB, ModelShape, kv_bytes, kv_cells, place
+from qmgr.fit.policy import Candidate, decide, option
 from qmgr.gguf import read_header
+
+# What NVML reported for an idle H200 (tests/test_hardware.py has the recordings).
+H200_TOTAL = 150754820096
+H200_FREE_IDLE = 150109880320
+PARTS = ("weights", "kv_cache", "compute", "overhead", "repacked_originals")
 
 
 def ram(gib: float) -> list[SimpleNamespace]:
@@ -29,6 +34,11 @@ def ram(gib: float) -> list[SimpleNamespace]:
 def gpu(gib: float, index: int = 0) -> SimpleNamespace:
     return SimpleNamespace(kind="cuda", index=index, name=f"gpu{index}",
                            memory_total=int(gib * GiB), memory_free=int(gib * GiB))
+
+
+def h200() -> SimpleNamespace:
+    return SimpleNamespace(kind="cuda", index=0, name="NVIDIA H200", memory_total=H200_TOTAL,
+                           memory_free=H200_FREE_IDLE)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +81,10 @@ def test_sliding_window_layers_of_gemma3() -> None:
     assert s.tied_bytes > 0 and s.output_bytes < s.tied_bytes  # tied embeddings
 
 
+# On the CPU, Q4_K_M needs more than Q5_K_M: llama.cpp repacks its Q4_K weights into a copy and
+# the mapped originals stay resident (qmgr/fit/estimate.py, REPACKED_TYPES).
 @pytest.mark.parametrize("gib,pick", [(12, "Q8_0"), (8, "Q6_K"), (7, "Q5_K_M"),
-                                      (6, "Q4_K_M"), (5, "Q3_K_M"), (4, "Q2_K")])
+                                      (6.5, "Q3_K_M"), (6, "Q2_K"), (4, "Q2_K")])
 def test_ram_picks_the_best_quant_that_fits(shapes: dict[str, ModelShape], gib: float,
                                             pick: str) -> None:
     d = decide(candidates(shapes), ram(gib), ctx=4096)
@@ -80,11 +92,72 @@ def test_ram_picks_the_best_quant_that_fits(shapes: dict[str, ModelShape], gib: 
     assert d.pick.placement.fits and d.pick.placement.kind == "cpu"
     # Everything of better quality would not have fitted.
     for o in d.options:
-        if o.quality_loss < d.pick.quality_loss:
+        if o.rank < d.pick.rank:
             assert not o.placement.fits
     assert d.reason.startswith(f"{pick}: the best quality that fits in RAM")
     cliff = [n for n in d.notes if "below 4 bits" in n]
     assert bool(cliff) == (pick in ("Q3_K_M", "Q2_K"))
+
+
+def test_repacked_weights_count_and_the_decision_says_so(shapes: dict[str, ModelShape]) -> None:
+    q4 = shapes["Q4_K_M"]
+    cpu = place(q4, ram(64), 4096).devices[0]
+    assert cpu.repacked_originals == sum(q4.repacked_bytes) > 3 * GiB  # 193 Q4_K tensors
+    assert cpu.weights == q4.weight_bytes
+    assert cpu.total == sum(getattr(cpu, k) for k in PARTS)
+    assert not any(shapes["Q5_K_M"].repacked_bytes) and not any(shapes["Q8_0"].repacked_bytes)
+    # 6 GiB: Q4_K_M would fit without its mapped originals, and the notes say so.
+    d = decide(candidates(shapes), ram(6), ctx=4096)
+    assert d.pick is not None and d.pick.candidate.quant == "Q2_K"
+    assert any(n.startswith("Q4_K_M would fit but for 3.1 GiB: llama.cpp's CPU backend copies")
+               for n in d.notes), d.notes
+
+
+def test_memory_is_the_sum_of_the_parts_the_placement_lists(
+        shapes: dict[str, ModelShape]) -> None:
+    """`memory` in `fit --json` is what the decision compares with the budgets: every part each
+    device lists, on the CPU, the GPU and split between them."""
+    for devices in (ram(64), [*ram(64), h200()], [*ram(64), gpu(4)], [*ram(64), gpu(3, 0),
+                                                                       gpu(3, 1)]):
+        for quant in ("Q4_K_M", "Q8_0", "Q3_K_M"):
+            c = Candidate(quant, shapes[quant].file_size, shapes[quant],
+                          {"parameter_count": 8_030_261_248})
+            out = option(c, devices, 4096, "f16", 0.10).to_dict()
+            listed = out["placement"]["devices"]
+            for d in listed:
+                assert d["total"] == sum(d[k] for k in PARTS), (quant, d)
+                assert d["fits"] == (d["total"] <= d["budget"])
+            assert out["memory"] == sum(d["total"] for d in listed)
+
+
+def test_cpu_and_gpu_placements_agree(shapes: dict[str, ModelShape]) -> None:
+    """The same model split differently: the layers' weights and caches move between devices,
+    the repacked originals stay with the CPU's layers, and nothing is counted twice."""
+    s = shapes["Q4_K_M"]
+    kv = sum(kv_bytes(s, i, 4096) for i in range(s.n_layer))
+    whole = place(s, [*ram(64), h200()], 4096)
+    assert whole.kind == "gpu" and whole.fits
+    cpu, cuda = whole.devices
+    assert cpu.weights == s.input_bytes and cpu.repacked_originals == 0 and cpu.kv_cache == 0
+    assert cuda.weights == sum(s.layer_bytes) + s.output_bytes + s.tied_bytes
+    assert cuda.kv_cache == kv and cuda.overhead == CUDA_CONTEXT
+    assert cuda.repacked_originals == 0  # CUDA buffers are copies; nothing stays mapped
+    split = place(s, [*ram(64), gpu(4)], 4096)
+    assert split.kind == "partial"
+    cpu, cuda = split.devices
+    n_cpu = s.n_layer - split.gpu_layers
+    assert cpu.layers == n_cpu and cuda.layers == split.gpu_layers
+    assert cpu.repacked_originals == sum(s.repacked_bytes[:n_cpu]) > 0
+    assert cpu.weights + cuda.weights == s.weight_bytes
+    assert cpu.kv_cache + cuda.kv_cache == kv
+    alone = place(s, ram(64), 4096).devices[0]
+    assert alone.repacked_originals == sum(s.repacked_bytes)
+    # The CPU-only placement is the split one's CPU part (which keeps the output head, as
+    # llama.cpp does unless every layer is offloaded) plus the layers that moved to the GPU.
+    assert not split.output_on_gpu
+    moved = sum(s.layer_bytes[n_cpu:])
+    assert alone.weights == cpu.weights + moved
+    assert alone.repacked_originals == cpu.repacked_originals + sum(s.repacked_bytes[n_cpu:])
 
 
 def test_too_small_is_refused_with_what_is_missing(shapes: dict[str, ModelShape]) -> None:
@@ -148,13 +221,16 @@ def fitting(qenv: Env, ladder_mirror: BadMirror) -> Env:
 
 
 def test_pull_fit_picks_by_ram_and_explains(fitting: Env, ladder_mirror: BadMirror) -> None:
-    for gib, pick in [(12, "Q8_0"), (8, "Q6_K"), (6, "Q4_K_M"), (5, "Q3_K_M")]:
+    for gib, pick in [(12, "Q8_0"), (8, "Q6_K"), (6.5, "Q3_K_M"), (6, "Q2_K")]:
         fitting.env["QMGR_HW"] = f"ram={gib}GiB"
         r = fitting.qmgr("pull", "llama3", "--fit", "--dry-run")
         assert f"pick: {pick}: the best quality that fits in RAM" in r.stdout, r.stdout
         assert ("note: Q3_K_M is below 4 bits" in r.stdout) == (pick == "Q3_K_M")
         out = fitting.json("pull", "llama3", "--fit", "--dry-run")
         assert out["pick"] == pick and out["hardware"]["source"] == "QMGR_HW"
+        ranks = [o["quality_rank"] for o in out["options"]]
+        assert ranks == sorted(ranks) and {o["quality_source"] for o in out["options"]} == \
+            {"published"}
         # Headers only: each variant's header (7.8 MB for a 128k vocabulary) and little more.
         for o in out["options"]:
             assert o["header_bytes"] <= 10 * MiB
@@ -180,5 +256,6 @@ def test_fit_table_on_a_gpu_machine(fitting: Env) -> None:
     assert out["ctx"] == 8192 and out["kv_type"] == "q8_0"
     pick = next(o for o in out["options"] if o["quant"] == out["pick"])
     assert pick["fit"] == "gpu"
-    better = [o for o in out["options"] if o["quality_loss"] < pick["quality_loss"]]
+    better = [o for o in out["options"] if o["quality_rank"] < pick["quality_rank"]]
     assert all(o["fit"] != "gpu" for o in better)
+    assert "RATED" in r.stdout and "published" in r.stdout

@@ -127,6 +127,14 @@ def test_eval_ranks_the_ladder(ladder: Env) -> None:
     fit = ladder.json("fit", "gemma3-270m")
     q4 = next(o for o in fit["options"] if o.get("ref") == "gemma3-270m:Q4_K_M")
     assert q4["measured"] and q4["quality_loss"] == pytest.approx(by["Q4_K_M"]["delta_ppl"])
+    # Each figure says where it comes from; the measured ones are ranked by their measurements.
+    sources = {o["ref"].split(":")[1]: o["quality_source"] for o in fit["options"]}
+    assert {t for t, src in sources.items() if src == "measured"} == set(by)
+    assert sources["F16"] == sources["Q5_K_M"] == "published"
+    assert sources["IQ4_XS"] == "estimated"
+    measured = [o["quality_loss"] for o in fit["options"] if o["quality_source"] == "measured"]
+    assert measured == sorted(measured)
+    assert "ranked by the measurements on this model" in ladder.qmgr("fit", "gemma3-270m").stdout
 
 
 @pytest.mark.timeout(900)

@@ -43,7 +43,10 @@ def _fit_cell(o: dict[str, Any]) -> str:
 
 
 def show_decision(out: dict[str, Any]) -> None:
-    """The table of `qmgr fit`, then the pick and why (on stdout), notes on stderr."""
+    """The table of `qmgr fit`, best quality first, then the pick, why, and notes (on stdout);
+    the parameters and hardware on stderr. RATED says where each quality figure comes from:
+    measured on this model, published (the Llama-3-8B table), estimated (from bits per
+    weight), inherited (re-quantized: capped by an ancestor) or unknown."""
     kinds = []
     for o in out["options"]:
         for d in o["placement"]["devices"]:
@@ -58,8 +61,9 @@ def show_decision(out: dict[str, Any]) -> None:
             o.get("source_ref") == out.get("pick_source_ref") or not o.get("source_ref")) else " "
         rows.append([f"{mark} {o['quant'] or '?'}", human_size(o["size"]),
                      *[human_size(per[k]) if per.get(k) else "-" for k in kinds],
-                     _fit_cell(o), o["quality_note"]])
-    headers = ["  QUANT", "FILE", *[f"MEM {k.upper()}" for k in kinds], "FITS", "QUALITY"]
+                     _fit_cell(o), o.get("quality_source") or "-", o["quality_note"]])
+    headers = ["  QUANT", "FILE", *[f"MEM {k.upper()}" for k in kinds], "FITS", "RATED",
+               "QUALITY"]
     click.echo(table(rows, headers))
     click.echo("")
     if out["pick"]:

@@ -12,7 +12,10 @@ What llama.cpp allocates for a model loaded with ``n_ctx`` context and a KV cach
   tokens): the larger of the output stage (logits, vocabulary × batch × 4 bytes, plus two
   copies of the hidden state) and, without flash attention, the attention stage (scores and
   mask, cache cells × batch × (heads + 1) × 4 bytes, plus five hidden-state-sized tensors);
-- **overhead**: on a GPU, the CUDA context; on the CPU, the runtime's own memory.
+- **overhead**: on a GPU, the CUDA context; on the CPU, the runtime's own memory;
+- **repacked originals** (CPU only): llama.cpp's CPU backend copies weights of some types
+  (:data:`REPACKED_TYPES`) into an interleaved layout at load; the copy is counted in the
+  weights, and the memory-mapped original it was read from stays resident beside it.
 
 Each device kind is modelled the way it behaves: a CUDA buffer is allocated (and resident)
 whole, while on the CPU only the touched part of the compute buffer becomes resident and the
@@ -56,9 +59,12 @@ CPU_PER_VOCAB_TOKEN = 80  # bytes
 CPU_COMPUTE_PER_CELL = 2816  # bytes, up to CPU_COMPUTE_CELLS cells
 CPU_COMPUTE_CELLS = 8192
 # Weight types llama.cpp's CPU backend repacks into interleaved copies at load (AVX2/NEON).
-# The copy is what the model needs; the mapped original, read once while loading, stays
-# resident too but as clean file pages the kernel reclaims under pressure. So they count in
-# what a process shows (``resident``), not in what must fit (``total``).
+# Loaded with mmap (llama-cpp-python's default, and qmgr's backend), the mapped original, read
+# once while loading, stays resident beside the copy. It is clean file memory, but the kernel
+# does not give it back for free: under a memory limit that leaves it out the process thrashes
+# (bench/bench_estimate.py --pressure, Gemma 3 270M Q4_0 at ctx 2048, limited to the figure
+# without these pages + 5%: 118 major faults after loading; with them + 5%: none). So they
+# count: 3.1 GiB of Llama-3-8B Q4_K_M's 7.8 (docs/fit.md).
 REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
@@ -201,24 +207,20 @@ class DeviceUse:
     compute: int = 0
     overhead: int = 0
     layers: int = 0
+    repacked_originals: int = 0  # mapped file pages of weights the CPU repacked (see above)
     budget: int = 0  # what may be used of this device (free memory minus headroom)
-    reclaimable: int = 0  # clean file pages resident beside the above (see REPACKED_TYPES)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute + self.overhead
-
-    @property
-    def resident(self) -> int:
-        """What the process's resident size shows (the total plus reclaimable pages)."""
-        return self.total + self.reclaimable
+        return (self.weights + self.kv_cache + self.compute + self.overhead
+                + self.repacked_originals)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "index": self.index, "name": self.name,
                 "weights": self.weights, "kv_cache": self.kv_cache, "compute": self.compute,
-                "overhead": self.overhead, "total": self.total,
-                "reclaimable": self.reclaimable, "layers": self.layers,
-                "budget": self.budget, "fits": self.total <= self.budget}
+                "overhead": self.overhead, "repacked_originals": self.repacked_originals,
+                "total": self.total, "layers": self.layers, "budget": self.budget,
+                "fits": self.total <= self.budget}
 
 
 @dataclass
@@ -253,7 +255,7 @@ def _cpu_use(shape: ModelShape, n_ctx: int, kv_type: str, cpu_layers: range,
     use.weights = shape.input_bytes + sum(shape.layer_bytes[i] for i in cpu_layers)
     if output_on_cpu:
         use.weights += shape.output_bytes
-    use.reclaimable = sum(shape.repacked_bytes[i] for i in cpu_layers)
+    use.repacked_originals = sum(shape.repacked_bytes[i] for i in cpu_layers)
     use.kv_cache = sum(kv_bytes(shape, i, n_ctx, kv_type) for i in cpu_layers)
     # Only the part of the CPU compute buffer a batch touches becomes resident, not the whole
     # reserve (which is sized for 512 rows of logits).

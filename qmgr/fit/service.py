@@ -2,8 +2,10 @@
 
 Candidates come from the source (each variant's headers read with HTTP Range requests, before
 anything is downloaded: ``header_bytes`` says how much that took) or, for a name that is no
-alias but a cataloged model, from the local files. Measured ΔPPL from ``qmgr eval`` overrides
-the published ladder for the model it was measured on.
+alias but a cataloged model, from the local files, with their lineage (the variants each was
+quantized from). Measured ΔPPL from ``qmgr eval`` rates the variant it was measured on, when
+it was measured against an unquantized base (a ΔPPL against a quantized base is relative to
+that base's own loss, so it is shown but not used).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from qmgr.fetch.remote_header import RangeSource
 from qmgr.fetch.source import FetchContext
 from qmgr.fit import hardware
 from qmgr.fit.estimate import ModelShape
-from qmgr.fit.policy import Candidate, Decision, decide
+from qmgr.fit.ladder import REFERENCE_TYPES
+from qmgr.fit.policy import Ancestor, Candidate, Decision, decide
 from qmgr.refs import parse
 
 DEFAULT_CTX = 4096
@@ -79,17 +82,29 @@ class Fitter:
         config = {"hw": self.settings.hw} if getattr(self.settings, "hw", None) else None
         return hardware.snapshot(self.puller.plugins, env, config)
 
-    def measured(self, model_name: str) -> dict[str, float]:
-        """Latest measured ΔPPL per variant tag of a model (from ``qmgr eval``)."""
-        out: dict[str, float] = {}
+    def evidence(self, model_name: str) -> dict[int, tuple[float | None, str | None]]:
+        """Per variant id of a model: its latest ΔPPL measured against an unquantized base
+        (``qmgr eval``), or None with a remark saying why a measurement is not used."""
+        out: dict[int, tuple[float | None, str | None]] = {}
         with self.puller.catalog.reading() as session:
             rows = session.execute(
-                select(Variant.tag, Eval.value).join(Eval, Eval.variant_id == Variant.id)
+                select(Eval.variant_id, Eval.value, Eval.base_variant_id)
+                .join(Variant, Eval.variant_id == Variant.id)
                 .join(Model, Variant.model_id == Model.id)
                 .where(Model.name == model_name, Eval.metric == "delta_ppl")
-                .order_by(Eval.id))
-            for tag, value in rows:
-                out[tag] = value
+                .order_by(Eval.id)).all()
+            for variant_id, value, base_id in rows:
+                base = session.get(Variant, base_id) if base_id is not None else None
+                lossy = [] if base is None else [
+                    a for a in [base, *_parents(session, base)] if not _lossless_variant(a)]
+                if base is not None and lossy:
+                    out[variant_id] = (None, (
+                        f"+{value:.4f} ΔPPL measured against {_ref(base)}, which "
+                        + ("is" if lossy[0] is base else "was made from")
+                        + f" a quantized file ({lossy[0].quant_type or '?'}): relative to "
+                        "its loss, not used"))
+                else:
+                    out[variant_id] = (value, None)
         return out
 
     def remote_candidates(self, raw: str, insecure: bool
@@ -121,14 +136,16 @@ class Fitter:
         return ref.canonical, out, header_bytes
 
     def local_candidates(self, name: str) -> list[Candidate]:
+        measured = self.evidence(name)
         with self.puller.catalog.reading() as session:
             model = session.scalar(select(Model).where(Model.name == name))
             if model is None:
                 return []
-            rows = [(v.quant_type, v.size, v.tag, [f.blob.path for f in v.files],
-                     v.state) for v in model.variants]
+            rows = [(v.quant_type, v.size, v.tag, [f.blob.path for f in v.files], v.state,
+                     measured.get(v.id, (None, None)), _lineage(session, v, measured))
+                    for v in model.variants]
         out = []
-        for quant, size, tag, paths, state in rows:
+        for quant, size, tag, paths, state, (delta, remark), ancestors in rows:
             if state != "ready":
                 continue
             headers = [gguf.read_header(p) for p in paths]
@@ -136,8 +153,29 @@ class Fitter:
             params = sum(gguf.facts_from_header(h).parameter_count for h in headers)
             out.append(Candidate(quant, size, shape, {"ref": f"{name}:{tag}",
                                                       "parameter_count": params,
-                                                      "files": len(paths)}))
+                                                      "files": len(paths)},
+                                 measured_delta_ppl=delta, ancestors=ancestors,
+                                 remarks=[remark] if remark else []))
         return out
+
+    def measure_remote(self, model: str, candidates: list[Candidate]) -> None:
+        """A remote variant is rated by the measurement of its cataloged copy: the same bytes
+        (sha256) or, where the source gives no digest, the same source reference."""
+        measured = self.evidence(model)
+        if not measured:
+            return
+        with self.puller.catalog.reading() as session:
+            copies = session.execute(
+                select(Variant.id, Variant.sha256, Variant.source_ref)
+                .join(Model, Variant.model_id == Model.id)
+                .where(Model.name == model)).all()
+        for c in candidates:
+            for variant_id, sha256, source_ref in copies:
+                same = (sha256 == c.info.get("sha256") if c.info.get("sha256")
+                        else source_ref is not None and source_ref == c.info.get("source_ref"))
+                if same and variant_id in measured:
+                    c.measured_delta_ppl, remark = measured[variant_id]
+                    c.remarks = [remark] if remark else []
 
     def fit(self, req: FitRequest) -> tuple[dict[str, Any], Decision,
                                             dict[str, RemoteVariant]]:
@@ -161,14 +199,59 @@ class Fitter:
             remote = {c.info["source_ref"]: v for c, v in pairs}
             model = typed.name if typed.kind == "alias" else (
                 pairs[0][1].model_name if pairs else "")
-        measured = self.measured(model) if model else {}
-        for c in candidates:
-            # A cataloged variant by its tag; a remote one by its quant (pulled as that tag).
-            tag = str(c.info.get("ref", "")).partition(":")[2] or c.quant
-            if tag in measured:
-                c.measured_delta_ppl = measured[tag]
+        if remote and model:
+            self.measure_remote(model, candidates)
         decision = decide(candidates, snap.devices, req.ctx, req.kv_type, req.headroom)
         out = decision.to_dict()
         out.update(ref=req.ref, source=where, header_bytes=header_bytes,
                    hardware=snap.to_dict())
         return out, decision, remote
+
+
+def _ref(v: Variant) -> str:
+    return f"{v.model.name}:{v.tag}"
+
+
+def _lossless_variant(v: Variant) -> bool:
+    return (v.quant_type or "").upper() in REFERENCE_TYPES
+
+
+def _parents(session: Any, v: Variant) -> list[Variant]:
+    """The cataloged variants ``v`` was quantized from, nearest first. A parent whose row is
+    gone is found again by the digest its child's recipe kept, if its bytes are cataloged
+    under another name."""
+    out: list[Variant] = []
+    seen = {v.id}
+    while len(out) < 32:
+        parent = v.parent
+        if parent is None and v.recipe and v.recipe.get("parent_sha256"):
+            parent = session.scalar(select(Variant).where(
+                Variant.sha256 == v.recipe["parent_sha256"]).limit(1))
+        if parent is None or parent.id in seen:
+            break
+        out.append(parent)
+        seen.add(parent.id)
+        v = parent
+    return out
+
+
+def _requantized(v: Variant) -> bool:
+    """Whether a quantized variant's recipe says its source was already quantized."""
+    recipe = v.recipe or {}
+    details = recipe.get("details") or {}
+    return bool((recipe.get("options") or {}).get("allow_requantize")
+                or (isinstance(details, dict) and details.get("requantized_from")))
+
+
+def _lineage(session: Any, v: Variant,
+             measured: dict[int, tuple[float | None, str | None]]) -> list[Ancestor]:
+    parents = _parents(session, v)
+    out = [Ancestor(_ref(p), p.quant_type, measured.get(p.id, (None, None))[0])
+           for p in parents]
+    last = parents[-1] if parents else v
+    if last.parent_variant_id is None and last.recipe and _requantized(last):
+        # Made from an already-quantized file that is no longer cataloged: what it lost is
+        # unknown.
+        sha = str(last.recipe.get("parent_sha256") or "")
+        out.append(Ancestor(f"sha256:{sha[:12]}" if sha else "a deleted variant", None))
+    return out
