@@ -20,6 +20,7 @@ import pytest
 from conftest import Env
 from ggufmake import make_tiny_gguf
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="switching to other uids needs root (CI runs as root)")
 STRANGER = 65533  # a uid with no account: no group of the daemon's

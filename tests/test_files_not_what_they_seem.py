@@ -14,6 +14,8 @@ from ggufmake import make_tiny_gguf
 from qmgr.errors import QmgrError
 from qmgr.store import hash_file, identity
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
+
 
 def test_hashing_refuses_a_fifo_swapped_in_without_blocking(tmp_path: Path) -> None:
     model = make_tiny_gguf(tmp_path / "m.gguf")

@@ -14,12 +14,15 @@ import tempfile
 from pathlib import Path
 
 import gguf
+import pytest
 from ggufmake import make_tiny_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmgr.errors import GGUFError
 from qmgr.gguf import BytesSource, facts_from_header, read_header_from
+
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
 
 
 def _field_offsets(path: Path) -> list[int]:

@@ -19,6 +19,8 @@ from ggufmake import make_tiny_gguf
 from qmgr import gguf as qgguf
 from qmgr.errors import GGUFError
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
+
 U64_MAX = (1 << 64) - 1
 
 CRAFTED = {

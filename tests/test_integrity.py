@@ -16,6 +16,8 @@ from badmirror import BadMirror, sha256_of
 from conftest import QMGR, Env
 from ggufmake import make_tiny_gguf
 
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
+
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:

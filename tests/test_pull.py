@@ -117,6 +117,7 @@ def test_ambiguous_and_missing_quants_are_clear(pulling: Env) -> None:
     assert r.returncode == 1 and "unknown model name" in r.stderr
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("ref", ["../x", "/etc/passwd", "hf://test/tiny/../x.gguf",
                                  "hf.co/test/..", "ollama://a/b/c/d", "tiny:Q4\x1b[31m",
                                  "https://h/a/../b.gguf", "x" * 600])
@@ -139,6 +140,7 @@ MISBEHAVIOUR = [
 ]
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("behavior,ok,message", MISBEHAVIOUR,
                          ids=[b[0]["mode"] + ("" if b[1] else "-always") for b in MISBEHAVIOUR])
 def test_misbehaving_server(pulling: Env, mirror: BadMirror, repo: Path, behavior: dict,
@@ -167,6 +169,7 @@ def test_misbehaving_server(pulling: Env, mirror: BadMirror, repo: Path, behavio
     assert len(blobs(pulling)) == len(refs)
 
 
+@pytest.mark.reliability
 def test_partial_download_is_resumed_by_the_next_pull(pulling: Env, mirror: BadMirror,
                                                       repo: Path) -> None:
     size = (repo / "test" / "tiny" / "tiny-Q8_0.gguf").stat().st_size
@@ -180,6 +183,7 @@ def test_partial_download_is_resumed_by_the_next_pull(pulling: Env, mirror: BadM
     assert mirror.bytes_sent - sent <= size - size // 2 + 1
 
 
+@pytest.mark.reliability
 def test_registry_lies_are_refused(pulling: Env, mirror: BadMirror, repo: Path) -> None:
     q8 = repo / "test" / "tiny" / "tiny-Q8_0.gguf"
     good = {"type": "file", "oid": "0" * 40, "size": q8.stat().st_size, "path": "tiny-Q8_0.gguf",
@@ -199,6 +203,7 @@ def test_registry_lies_are_refused(pulling: Env, mirror: BadMirror, repo: Path) 
     assert not list((pulling.home / "store" / "blobs").iterdir())
 
 
+@pytest.mark.reliability
 def test_no_redirect_from_https_to_http(qenv: Env, repo: Path, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a certificate for the https test server")

@@ -8,9 +8,12 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from badmirror import BadMirror, sha256_of
 from conftest import Env
 from ggufmake import make_sparse_gguf
+
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
 
 SIZE = 320 << 20
 KILLS = 20

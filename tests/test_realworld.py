@@ -239,6 +239,7 @@ def test_fit_and_pull_fit_choose_among_quants_only(world: Env, hub: HubReplay) -
 # -- the token: from the client, to the Hub only --------------------------------------------------
 
 
+@pytest.mark.reliability
 def test_the_clients_token_goes_to_the_hub_never_to_the_cdn(qenv: Env, tmp_path: Path) -> None:
     with HubReplay([UNSLOTH], tmp_path / "hub", token="secret", tls=True) as gated:
         qenv.env.pop("HF_TOKEN", None)
@@ -290,6 +291,7 @@ Q4 = "gemma-3-4b-it-Q4_K_M.gguf"
 SHARD2 = "BF16/gemma-3-4b-it-BF16-00002-of-00002.gguf"
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("path,changes,quant,named", [
     (Q4, {"path": f"../{Q4}"}, "Q4_K_M", f"../{Q4}"),
     (Q4, {"path": f"/{Q4}"}, "Q4_K_M", f"/{Q4}"),
@@ -309,6 +311,7 @@ def test_a_bad_entry_of_the_wanted_variant_is_a_clear_error(
     assert not [r for r in log.hub_requests() if ".." in r.path or "//" in r.path]
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("path,changes,named", [
     ("README.md", {"path": "../README.md"}, "../README.md"),
     ("README.md", {"path": "/etc/passwd"}, "/etc/passwd"),

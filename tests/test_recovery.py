@@ -10,12 +10,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import Env
 from ggufmake import make_tiny_gguf
 
 from qmgr import settings
 from qmgr.client import Client
 from qmgr.errors import QmgrError
+
+pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
 
 
 def _client(env: Env) -> Client:

@@ -25,6 +25,7 @@ from conftest import Env
 TOOLS = ("useradd", "userdel", "groupadd", "groupdel", "setpriv")
 
 pytestmark = [
+    pytest.mark.reliability,
     pytest.mark.skipif(os.geteuid() != 0,
                        reason="needs root: creates throwaway users and switches to them"),
     pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
