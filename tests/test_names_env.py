@@ -135,11 +135,19 @@ def test_the_name_you_pulled_with_is_the_name_you_use(env: Env, repo: Path) -> N
     env.qmgr("alias", "add", "small", "tiny:Q8_0")
     assert env.json("show", "small")["ref"] == "tiny:Q8_0"
     assert "no download needed" in env.qmgr("pull", "small").stderr
+    env.env["QMGR_HW"] = "ram=16GiB,cores=2"
+    fit = env.json("fit", "small")  # the cataloged model's variants, no network
+    assert fit["source"] == "catalog:tiny" and fit["pick"]
+    assert env.json("fit", "hf.co/test/tiny:Q8_0")["pick"] == "Q8_0"
 
     removed = env.json("rm", "hf.co/test/tiny:Q8_0")["removed"]
     assert removed == ["tiny:Q8_0"]
     assert "not in the catalog" in failed(env.qmgr("path", "hf.co/test/tiny:Q8_0",
                                                    check=False))
+    # `pull --fit` prints the decision on stderr: stdout is the name pulled, alone.
+    r = env.qmgr("pull", "mine", "--fit")
+    assert r.stdout.strip() == "mine:Q8_0" and "pick:" in r.stderr
+    assert env.json("show", "mine")["tag"] == "Q8_0"  # what the pull chose is what it means
 
 
 def test_offline_fails_at_once_with_what_to_do(env: Env) -> None:

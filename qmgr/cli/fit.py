@@ -42,9 +42,10 @@ def _fit_cell(o: dict[str, Any]) -> str:
     return "no"
 
 
-def show_decision(out: dict[str, Any]) -> None:
-    """The table of `qmgr fit`, best quality first, then the pick, why, and notes (on stdout);
-    the parameters and hardware on stderr. RATED says where each quality figure comes from:
+def show_decision(out: dict[str, Any], err: bool = False) -> None:
+    """The table of `qmgr fit`, best quality first, then the pick, why, and notes (on stdout,
+    or with ``err`` on stderr: `pull --fit` keeps stdout for the name it pulled); the
+    parameters and hardware on stderr. RATED says where each quality figure comes from:
     measured on this model, published (the Llama-3-8B table), estimated (from bits per
     weight), inherited (re-quantized: capped by an ancestor) or unknown."""
     kinds = []
@@ -64,14 +65,14 @@ def show_decision(out: dict[str, Any]) -> None:
                      _fit_cell(o), o.get("quality_source") or "-", o["quality_note"]])
     headers = ["  QUANT", "FILE", *[f"MEM {k.upper()}" for k in kinds], "FITS", "RATED",
                "QUALITY"]
-    click.echo(table(rows, headers))
-    click.echo("")
+    click.echo(table(rows, headers), err=err)
+    click.echo("", err=err)
     if out["pick"]:
-        click.echo(f"pick: {out['reason']}")
+        click.echo(f"pick: {out['reason']}", err=err)
     else:
-        click.echo(f"no pick: {out['reason']}")
+        click.echo(f"no pick: {out['reason']}", err=err)
     for note in out["notes"]:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {note}", err=err)
     hw = out["hardware"]
     devices = ", ".join(f"{d['kind']} {human_size(d['memory_total'])}" for d in hw["devices"])
     click.echo(f"(--ctx {out['ctx']}, KV cache {out['kv_type']}, {out['headroom']:.0%} kept "

@@ -184,7 +184,11 @@ class Fitter:
         typed = parse(req.ref)
         remote: dict[str, RemoteVariant] = {}
         with self.puller.catalog.reading() as session:
-            is_alias = typed.kind == "alias" and aliases.lookup(session, typed.name) is not None
+            target = aliases.lookup(session, typed.name) if typed.kind == "alias" else None
+            if target is not None and parse(target).kind == "alias":
+                # An alias of a cataloged variant (`alias add mine llama3:Q4_K_M`): its model.
+                typed, target = parse(target.partition(":")[0]), None
+            is_alias = target is not None
             cataloged = typed.kind == "alias" and session.scalar(
                 select(Model.id).where(Model.name == typed.name)) is not None
         if typed.kind == "alias" and (not is_alias or (cataloged and not req.remote)):
