@@ -136,7 +136,7 @@ def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_:
             emit_json(decision)
             return
         if not quiet and not as_json:
-            show_decision(decision, err=True)
+            show_decision(decision, err=not dry_run)  # a dry run: the decision is the result
         if decision["pick"] is None:
             raise click.ClickException("nothing downloaded: " + decision["reason"])
         if dry_run:
