@@ -72,3 +72,25 @@ def test_the_daemon_refuses_a_crafted_import_and_stays_up(daemon: Env, tmp_path:
     good = make_tiny_gguf(tmp_path / "good-Q8_0.gguf", ftype="Q8_0")
     assert daemon.qmgr("import", str(good)).returncode == 0
     assert [v["state"] for v in daemon.json("list")] == ["ready"]
+
+
+def test_memory_spent_on_a_header_is_a_small_multiple_of_its_size(tmp_path: Path) -> None:
+    """8000 arrays of 1024 int32 (32 MB of header): decoded whole, they would cost ~10x that
+    in Python objects; past a budget they are summarized instead."""
+    import tracemalloc
+
+    import numpy as np
+
+    extra = {f"crafted.a{i}": (np.arange(1024, dtype=np.int32) + i).tolist()
+             for i in range(8000)}
+    path = make_tiny_gguf(tmp_path / "wide.gguf", extra_kv=extra)
+    header_bytes = path.stat().st_size
+    assert header_bytes > 30 << 20
+    tracemalloc.start()
+    try:
+        header = qgguf.read_header(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert header.metadata["crafted.a0"][:3] == [0, 1, 2]  # the first ones are decoded
+    assert peak < 3 * header_bytes, (peak, header_bytes)

@@ -43,6 +43,10 @@ MAX_NESTED_ARRAYS = 1 << 16
 # longer ones become an ArraySummary.
 DECODE_FIXED_MAX = 1024
 DECODE_VARIABLE_MAX = 64
+# Elements decoded into Python objects over the whole header (the rest is summarized): a
+# Python int costs ~36 bytes for an int32's 4, so without a budget a crafted header of many
+# small arrays costs 10x its size in memory. Real models decode a few thousand.
+DECODE_BUDGET = 1 << 18
 
 _INT64_MAX = (1 << 63) - 1
 _FIRST_CHUNK = 64 << 10
@@ -108,6 +112,14 @@ class _Cursor:
         self.pos = 0  # absolute offset of the next byte to parse
         self.bytes_read = 0
         self._chunk = _FIRST_CHUNK
+        self.decoded = 0  # array elements decoded so far (see DECODE_BUDGET)
+
+    def may_decode(self, count: int, most: int) -> bool:
+        """Whether an array of ``count`` elements is decoded (else summarized)."""
+        if count > most or self.decoded + count > DECODE_BUDGET:
+            return False
+        self.decoded += count
+        return True
 
     def need(self, n: int, what: str) -> int:
         """Make bytes [pos, pos+n) available; return where they start in ``buf``."""
@@ -229,7 +241,7 @@ def _array(cur: _Cursor, key: str, depth: int) -> list[Any] | ArraySummary:
                 f"array {key!r} at offset {at} claims {count} {name} elements ({n_bytes} bytes), "
                 f"but only {remaining} bytes are left in the file"
             )
-        if count <= DECODE_FIXED_MAX:
+        if cur.may_decode(count, DECODE_FIXED_MAX):
             i = cur.need(n_bytes, f"elements of array {key!r}")
             cur.pos += n_bytes
             return list(struct.unpack_from(f"<{count}{scalar.format[-1]}", cur.buf, i))
@@ -248,13 +260,13 @@ def _array(cur: _Cursor, key: str, depth: int) -> list[Any] | ArraySummary:
             f"array {key!r} at offset {at} has {count} {name} elements; the limit is {limit}"
         )
     if etype == VT_STRING:
-        if count <= DECODE_VARIABLE_MAX:
+        if cur.may_decode(count, DECODE_VARIABLE_MAX):
             return [
                 cur.string(f"string #{j} of array {key!r}", MAX_STRING_BYTES) for j in range(count)
             ]
         cur.skip_strings(count, f"array {key!r} at offset {at}")
         return ArraySummary(name, count)
-    if count <= DECODE_VARIABLE_MAX:
+    if cur.may_decode(count, DECODE_VARIABLE_MAX):
         return [_array(cur, key, depth + 1) for _ in range(count)]
     for _ in range(count):
         _array(cur, key, depth + 1)
