@@ -193,3 +193,53 @@ def test_recovery_rehashes_a_store_blob_written_since_it_was_verified(env: Env) 
     assert env.json("list")[0]["state"] == "missing" and not blob.exists()
     env.qmgr("pull", "hf.co/test/tiny:F16")  # fetched again, verified
     assert env.json("list")[0]["state"] == "ready" and sha256_of(blob) == row["sha256"]
+
+
+def test_an_honest_pull_and_a_lying_one_at_once(env: Env, mirror: BadMirror,
+                                                repo: Path) -> None:
+    """A URL pull pinned to the same sha256 as a Hub pull, from a server that sends wrong
+    bytes, at the same moment: whatever the order, every ready variant's blob hashes to its
+    digest, and the lie ends in a mismatch (or finds the honest bytes already there)."""
+    src = repo / "test" / "tiny" / "tiny-F16.gguf"
+    digest = sha256_of(src)
+    liar = BadMirror(repo)
+    try:
+        liar.behavior.update(mode="wrong_bytes")
+        mirror.behavior["rate"] = 4e6
+        honest = subprocess.Popen([QMGR, "pull", "hf.co/test/tiny:F16"], env=env.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lying = subprocess.Popen([QMGR, "pull", "--insecure", "--sha256", digest,
+                                  f"{liar.url}/test/tiny/resolve/main/tiny-F16.gguf"],
+                                 env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+        assert honest.wait(120) == 0, honest.communicate()
+        code = lying.wait(120)
+        err = lying.communicate()[1]
+        assert code == 0 or "sha256 mismatch" in err, err
+    finally:
+        liar.stop()
+    rows = env.json("list")
+    assert rows and all(r["state"] == "ready" for r in rows)
+    for r in rows:
+        assert r["sha256"] == digest and sha256_of(Path(r["paths"][0])) == digest
+    assert not list((env.home / "store" / "partial").iterdir())
+
+
+def test_a_client_that_goes_away_is_no_traceback(env: Env, mirror: BadMirror) -> None:
+    """A client killed while it follows a pull's events: the pull goes on and ends, and the
+    daemon's log has no traceback for the stream it lost."""
+    import signal
+    import time
+
+    mirror.behavior["rate"] = 2e6
+    proc = subprocess.Popen([QMGR, "pull", "hf.co/test/tiny:F16"], env=env.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _job_when(env, "downloading")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    for _ in range(200):
+        if env.json("jobs")[0]["state"] != "running":
+            break
+        time.sleep(0.1)
+    assert env.json("jobs")[0]["state"] == "succeeded"
+    assert "Traceback" not in env.daemon_log()

@@ -90,3 +90,28 @@ def test_finished_jobs_are_forgotten_in_memory_and_answered_from_the_catalog(
     for n, job_id in enumerate(ids):
         d = runner.get(job_id)
         assert (d["state"], d["result"]) == ("succeeded", {"n": n})
+
+
+def test_a_late_periodic_save_never_takes_the_row_back_to_running(tmp_path: Path) -> None:
+    """The periodic saver snapshots a running job, then its commit is slow (a busy disk); the
+    job ends meanwhile and writes its end. The row must stay at the end: a stale "running"
+    committed after it would run the job again at the next start."""
+    from contextlib import contextmanager
+
+    class SlowSaves(Catalog):
+        @contextmanager
+        def writing(self):  # type: ignore[override]
+            if "persist_progress" in threading.current_thread().name:
+                time.sleep(0.8)  # the saver's commit, held up
+            with super().writing() as session:
+                yield session
+
+    catalog = SlowSaves(f"sqlite:///{tmp_path / 'c.db'}")
+    catalog.migrate()
+    runner = JobRunner(catalog)
+    runner.register("work", lambda handle: time.sleep(1.3) or {"ok": True})
+    job = runner.submit("work", {})
+    wait_ended(runner, job["id"])
+    time.sleep(1.5)  # past any save still in flight
+    assert row_state(catalog, job["id"]) == "succeeded"
+    runner.shutdown()

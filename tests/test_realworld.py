@@ -382,3 +382,23 @@ def test_ollama_model_with_a_system_layer(ollama_world: Env, registry: OllamaRep
     [row] = [r for r in ollama_world.json("list") if r["ref"] == pulled]
     assert row["sha256"] == model
     assert not ollama_world.json("show", pulled).get("attachments")
+
+
+@pytest.mark.reliability
+def test_a_hub_file_without_an_lfs_digest_is_pulled_unverified(liar: HubReplay) -> None:
+    """A listing entry without an LFS digest: nothing vouches for the bytes before they come,
+    so the variant is cataloged as unverified (as a URL without --sha256 is)."""
+    entry = liar.repo(UNSLOTH).entry(Q4)
+    saved = json.loads(json.dumps(entry))
+    try:
+        entry.pop("lfs", None)
+        entry.pop("xetHash", None)
+        for env in _env(QMGR_HF_ENDPOINT=liar.url, QMGR_CA_BUNDLE=str(liar.ca_bundle)):
+            env.qmgr("pull", f"hf.co/{UNSLOTH}:Q4_K_M")
+            [row] = [r for r in env.json("list") if r["tag"] == "Q4_K_M"]
+            assert row["verified"] is False and row["state"] == "ready"
+            assert sha256_of(row["paths"][0]) == liar.repo(UNSLOTH).files[Q4].sha256
+            assert "unverified" in env.qmgr("show", row["ref"]).stdout
+    finally:
+        entry.clear()
+        entry.update(saved)
