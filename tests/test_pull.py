@@ -287,5 +287,17 @@ def test_pull_the_real_model_by_alias(qenv: Env, tmp_path: Path) -> None:
         assert server.bytes_sent == gemma.stat().st_size
         assert "no download needed" in qenv.qmgr("pull", "gemma3:Q4_K_M").stderr
         assert server.bytes_sent == gemma.stat().st_size
+        # Ollama's habit: `pull NAME --fit`, then `run NAME` runs what was pulled.
+        qenv.env["QMGR_HW"] = "ram=8GiB,cores=2"
+        assert qenv.qmgr("pull", "-q", "gemma3", "--fit").stdout.strip() == "gemma3:Q4_K_M"
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return  # running needs the llama extra; the names were checked above
+        r = qenv.qmgr("run", "gemma3", "The capital of France is", "--max-tokens", "4",
+                      "--json")
+        lines = [json.loads(x) for x in r.stdout.splitlines()]
+        assert any("text" in x for x in lines) and "done" in lines[-1]
+        assert qenv.json("ps")[0]["ref"] == "gemma3:Q4_K_M"
     finally:
         server.stop()
