@@ -7,11 +7,13 @@ header goes, so a small model costs one request of 64 KiB and a 262k-token vocab
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 from qmgr import gguf
 from qmgr.errors import QmgrError
-from qmgr.fetch.http import FetchError, redact, request
+from qmgr.fetch.http import DOCUMENT_DEADLINE_S, FetchError, redact, request
 from qmgr.fetch.remote import RemoteFile
 
 
@@ -40,6 +42,7 @@ class RangeSource:
         headers["Range"] = f"bytes={offset}-{offset + size - 1}"
         self.requests += 1
         out = bytearray()
+        started = time.monotonic()
         with request(self.client, "GET", self.remote.url, headers, insecure=self.insecure,
                      http_origin=self.remote.allow_http) as r:
             if r.status_code not in (200, 206):
@@ -52,6 +55,10 @@ class RangeSource:
                 out += chunk
                 if len(out) >= size:
                     break
+                if time.monotonic() - started > DOCUMENT_DEADLINE_S:
+                    raise FetchError(f"{redact(self.remote.url)}: {size} bytes of its header "
+                                     f"took longer than {DOCUMENT_DEADLINE_S:.0f} s: the server "
+                                     "is too slow", code="too_slow")
         self.bytes_read += min(len(out), size)
         return bytes(out[:size])
 
