@@ -148,6 +148,10 @@ def test_the_name_you_pulled_with_is_the_name_you_use(env: Env, repo: Path) -> N
     r = env.qmgr("pull", "mine", "--fit")
     assert r.stdout.strip() == "mine:Q8_0" and "pick:" in r.stderr
     assert env.json("show", "mine")["tag"] == "Q8_0"  # what the pull chose is what it means
+    # It decided first, then pulled that one variant: the job is a plain pull of it.
+    job = env.json("jobs")[0]
+    assert job["arguments"]["ref"] == "hf.co/test/tiny:Q8_0"
+    assert job["arguments"]["name"] == "mine" and job["arguments"]["decision"]["pick"] == "Q8_0"
 
 
 def test_offline_fails_at_once_with_what_to_do(env: Env) -> None:

@@ -129,20 +129,19 @@ def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_:
         raise click.UsageError("--ctx, --kv-type and --headroom go with --fit")
     if dry_run and not fit_:
         raise click.UsageError("--dry-run goes with --fit")
-    if fit_:
+    if dry_run:
         query = {"ref": ref, "remote": 1, **params, **({"insecure": 1} if insecure else {})}
         decision = c.get("/v1/fit", **query)
-        if as_json and dry_run:
+        if as_json:
             emit_json(decision)
-            return
-        if not quiet and not as_json:
-            show_decision(decision, err=not dry_run)  # a dry run: the decision is the result
-        if decision["pick"] is None:
-            raise click.ClickException("nothing downloaded: " + decision["reason"])
-        if dry_run:
-            return
+        elif not quiet:
+            show_decision(decision)  # the decision is the result
+        return
+    # With --fit the daemon decides first, then starts a pull of what it chose.
     job = c.post("/v1/pulls", {"ref": ref, "insecure": insecure, "sha256": sha256,
                                **({"fit": True, **params} if fit_ else {})})
+    if fit_ and not quiet and not as_json:
+        show_decision(job["arguments"]["decision"], err=True)
     if detach:
         if as_json:
             emit_json(job)

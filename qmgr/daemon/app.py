@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +32,9 @@ from qmgr.daemon.importer import catalog_file
 from qmgr.daemon.peercred import caller
 from qmgr.daemon.state import Daemon
 from qmgr.errors import QmgrError, as_qmgr_error
+
+if TYPE_CHECKING:
+    from qmgr.fit.service import Fitter
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +344,7 @@ PULL_BODY = {
 @endpoint("POST", "/v1/pulls", "Start a pull job (returns the job; follow /v1/jobs/{id}/events)",
           body=PULL_BODY)
 def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
+    from qmgr.fit.service import FitRequest
     from qmgr.refs import parse
 
     body = _json_body(request)
@@ -354,12 +358,26 @@ def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
     if any(k not in SECRET_ENV for k in env):
         args["env"] = {k: v for k, v in env.items() if k not in SECRET_ENV}
     if body.get("fit"):
-        from qmgr.fit.service import FitRequest
-
-        req = FitRequest.from_args({**body, "ref": ref})  # bad parameters fail before the job
-        args.update(fit=True, ctx=req.ctx, kv_type=req.kv_type, headroom=req.headroom,
-                    hw=req.hw)
+        # Decide first, then pull what was chosen: the job is an ordinary pull of one variant.
+        decision = _fitter(d, env).fit(FitRequest.from_args({**body, "ref": ref,
+                                                              "remote": True}))[0]
+        if decision["pick"] is None:
+            raise QmgrError(f"nothing downloaded: {decision['reason']}", code="does_not_fit",
+                            http_status=507)
+        typed = parse(ref)
+        if parse(decision["pick_source_ref"]).kind == "hf":
+            args["ref"] = decision["pick_source_ref"]  # one variant of the repository
+        args.update(name=typed.name if typed.kind == "alias" else None, default=True,
+                    decision=decision)
     return d.jobs.submit("pull", args, secrets={k: v for k, v in env.items() if k in SECRET_ENV})
+
+
+def _fitter(d: Daemon, env: dict[str, str]) -> Fitter:
+    """The fit service for one request: with the client's settings (its Hub endpoint and
+    token) over the daemon's."""
+    from qmgr.fit.service import Fitter
+
+    return d.fitter if not env else Fitter(d.puller.with_env(env), d.settings)
 
 
 @endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine, and why "
@@ -371,7 +389,7 @@ def fit(d: Daemon, request: Request) -> dict[str, Any]:
     if not q.get("ref"):
         raise QmgrError("give the reference as ?ref=REF", code="bad_request")
     q["insecure"] = q.get("insecure") in ("1", "true")
-    return d.puller.with_env(request.state.env).fitter.fit(FitRequest.from_args(q))[0]
+    return _fitter(d, request.state.env).fit(FitRequest.from_args(q))[0]
 
 
 @endpoint("GET", "/v1/hardware", "Devices (probed, or declared by QMGR_HW / config) and probe "

@@ -46,7 +46,6 @@ class Daemon:
         self.jobs = JobRunner(self.catalog)
         self.puller = Puller(self.catalog, self.store, self.plugins)
         self.fitter = Fitter(self.puller, settings)
-        self.puller.fitter = self.fitter
         self.jobs.register("pull", self.puller.run)
         self.quantizing = Quantizing(self.catalog, self.store)
         self.jobs.register("quantize", self.quantizing.run)

@@ -48,7 +48,6 @@ class Puller:
     store: Store
     plugins: PluginSet
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
-    fitter: Any = None  # qmgr.fit.service.Fitter, for `pull --fit`
     # One download per file at a time (by expected digest, else by URL), shared by every
     # per-request copy of this puller: a second pull of the same bytes waits for the first
     # and then finds them in the store, instead of writing the same partial file.
@@ -91,10 +90,7 @@ class Puller:
         ``HF_TOKEN``...) over the daemon's."""
         if not env:
             return self
-        clone = dataclasses.replace(self, env={**self.env, **env})
-        if self.fitter is not None:
-            clone.fitter = type(self.fitter)(clone, self.fitter.settings)
-        return clone
+        return dataclasses.replace(self, env={**self.env, **env})
 
     def listing(self, ref: Reference, ctx: FetchContext) -> Listing:
         return listing_of(self.source_for(ref), ref, ctx)
@@ -202,37 +198,28 @@ class Puller:
                 variant = queries.variant_dict(queries.resolve_one(session, ref.raw))
             handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
             return {"variant": variant, "downloaded": 0}
-        model_name = typed.name if typed.kind == "alias" else None
-        # Pulled without naming a quant (`pull llama3 --fit`): the bare name means this one.
-        default = not typed.quant and not ref.file
+        # `pull llama3 --fit` decided first, then asked for the variant it chose (``ref``),
+        # to be cataloged under the name typed (``name``) and be what it means (``default``).
+        model_name = args.get("name") or (typed.name if typed.kind == "alias" else None)
+        # Pulled without naming a quant (`pull llama3`): the bare name means this one.
+        default = bool(args.get("default", not typed.quant and not ref.file))
         handle.update(phase="resolving", ref=ref.canonical)
-        if ref.quant and ref.kind == "hf" and not ref.file and not args.get("fit"):
+        if args.get("decision"):
+            handle.update(decision=args["decision"])
+        if ref.quant and ref.kind == "hf" and not ref.file:
             cached = self.cached(ref.canonical)
             if cached is not None:
                 name = model_name or _model_of(self, ref.canonical)
                 variant, _ = record_variant(
                     self.catalog, name, cached, combined_facts(cached), origin=Origin.PULLED,
-                    source_ref=ref.canonical, in_store=True)
+                    source_ref=ref.canonical, in_store=True, default=default)
                 handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
                 return {"variant": variant, "downloaded": 0}
         insecure = bool(args.get("insecure"))
-        decision = None
-        if args.get("fit"):
-            from qmgr.fit.service import FitRequest
-
-            handle.update(phase="fitting")
-            request = FitRequest.from_args({**args, "remote": True})
-            decision, fit, remote = until_cancelled(handle, lambda: self.fitter.fit(request))
-            if fit.pick is None:
-                raise QmgrError(decision["reason"], code="does_not_fit", http_status=507)
-            handle.update(decision=decision)
         with make_client(self.stall_timeout(), self.env.get("QMGR_CA_BUNDLE")) as client:
             ctx = FetchContext(client, insecure=insecure, sha256=args.get("sha256"), env=self.env)
             handle.update(phase="listing")
-            if decision is not None:
-                chosen = remote[decision["pick_source_ref"]]
-            else:
-                chosen = self.choose(ref, self._listing_when_ready(ref, ctx, handle))
+            chosen = self.choose(ref, self._listing_when_ready(ref, ctx, handle))
             progress = _Counter(handle, 0)
             extra = [f for _kind, f in chosen.attachments]
             total = sum(f.size or 0 for f in [*chosen.files, *extra]) if chosen.size else None
@@ -258,7 +245,8 @@ class Puller:
             tag=chosen.quant if ref.kind != "ollama" else None, attachments=attached,
             default=default, verified=all(f.sha256 for f in chosen.files))
         handle.update(phase="done", done=progress.done, downloaded=progress.received)
-        return {"variant": variant, "downloaded": progress.received, "decision": decision}
+        return {"variant": variant, "downloaded": progress.received,
+                "decision": args.get("decision")}
 
     def _listing_when_ready(self, ref: Reference, ctx: FetchContext,
                             handle: JobHandle) -> Listing:
