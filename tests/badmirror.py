@@ -121,9 +121,17 @@ class BadHandler(mirror.Handler):
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", "1000000")
             self.end_headers()
-            while not self.server.stopping.wait(0.2):
-                self.wfile.write(b" ")
-                self.wfile.flush()
+            with self.server.stats_lock:
+                b["trickling"] = b.get("trickling", 0) + 1
+            try:
+                while not self.server.stopping.wait(0.2):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+            except OSError:  # the client went away
+                pass
+            finally:
+                with self.server.stats_lock:
+                    b["trickling"] -= 1
             return
         if busy:  # a server up but not ready, as qmgr's mirror while it hashes
             body = json.dumps({"error": "hashing 1 of 2 files"}).encode()

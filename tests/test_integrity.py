@@ -113,15 +113,14 @@ def test_cancel_ends_a_job_stuck_on_a_trickling_listing(env: Env, mirror: BadMir
     mirror.behavior["trickle_listing"] = True  # a byte every 0.2 s: never a stall
     env.qmgr("pull", "--detach", "hf.co/test/tiny:F16")
     job = _job_when(env, "listing")
-    started = time.monotonic()
     env.qmgr("cancel", str(job["id"]))
     for _ in range(100):
         state = next(j for j in env.json("jobs") if j["id"] == job["id"])["state"]
         if state != "running":
             break
         time.sleep(0.05)
-    assert state == "cancelled"
-    assert time.monotonic() - started < 10  # generous: the phase is cut at once, not at its end
+    # Cancelled while the listing still trickles: the cancel did not wait for it to end.
+    assert state == "cancelled" and mirror.behavior["trickling"] > 0
 
 
 def test_sigterm_ends_a_daemon_whose_job_is_stuck_in_a_body(env: Env, mirror: BadMirror) -> None:
@@ -133,9 +132,9 @@ def test_sigterm_ends_a_daemon_whose_job_is_stuck_in_a_body(env: Env, mirror: Ba
     _job_when(env, "downloading")
     time.sleep(0.5)
     assert env.proc is not None
-    started = time.monotonic()
     assert env.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 15, "the daemon did not stop within seconds"
+    # It stopped long before the body could have ended (2 bytes a second of 2.6 MB).
+    assert mirror.bytes_sent < 1000
 
 
 def test_a_trickling_body_is_too_slow_and_fails_clearly(mirror: BadMirror) -> None:
