@@ -3,7 +3,7 @@
 
 A one-shot worker answers ``{"progress": 0.42, "message": ...}`` as it goes, then one
 ``{"result": {...}}`` or ``{"error": {"code": ..., "message": ...}}``; the daemon's side is
-``qmgr.daemon.jobs.run_worker``.
+``qmgr.work.jobs.run_worker``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def progress(fraction: float | None, message: str) -> None:
 def serve(work: Callable[[dict[str, Any]], dict[str, Any]], refusal: type[Exception],
           failure_code: str, prepare: Callable[[], None] | None = None) -> int:
     """Run one request: ``prepare()`` first (a warm worker does it before its request comes,
-    see ``qmgr.daemon.jobs.WarmWorkers``), then ``work(request)``. ``refusal`` errors carry a
+    see ``qmgr.work.jobs.WarmWorkers``), then ``work(request)``. ``refusal`` errors carry a
     ``code`` and a ``message`` for the user; anything else is reported as ``failure_code``,
     its traceback on stderr (the daemon's log). An empty stdin is a warm worker the daemon no
     longer needs: it exits quietly. Returns the exit status."""

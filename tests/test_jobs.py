@@ -11,8 +11,8 @@ import pytest
 
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Job
-from qmgr.daemon import jobs
-from qmgr.daemon.jobs import TERMINAL, JobHandle, JobRunner
+from qmgr.work import jobs
+from qmgr.work.jobs import TERMINAL, JobHandle, JobRunner
 
 
 @pytest.fixture

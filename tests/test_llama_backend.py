@@ -442,7 +442,7 @@ def gemma_q8_0(f16: Path) -> Path:
     """A Q8_0 of the 16-bit base, made once (llama.cpp's quantizer) into the test cache."""
     import llama_cpp
 
-    from qmgr.builtin.llama_quantizer import LlamaLog
+    from qmgr.builtin.llama_log import LlamaLog
 
     target = cache_dir() / f"{f16.stem}-Q8_0.gguf"
     if target.is_file():

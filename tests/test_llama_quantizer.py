@@ -31,7 +31,7 @@ from testmodel import gemma_f16, perplexity  # noqa: E402
 
 from qmgr import gguf  # noqa: E402
 from qmgr.builtin import imatrix as imx  # noqa: E402
-from qmgr.builtin import llama_quantizer  # noqa: E402
+from qmgr.builtin import llama_log, llama_quantizer  # noqa: E402
 from qmgr.builtin.llama_quantizer import LlamaCppQuantizer  # noqa: E402
 from qmgr.gguf.reader import read_header  # noqa: E402
 from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions  # noqa: E402
@@ -469,7 +469,7 @@ def test_the_dry_run_reads_a_skeleton_without_the_vocabulary(tiny: Path, tmp_pat
         params.ftype = llama_quantizer.FTYPE_IDS[target]
         params.dry_run = True
         text: list[str] = []
-        with llama_quantizer.LlamaLog(text.append):
+        with llama_log.LlamaLog(text.append):
             assert llama_cpp.llama_model_quantize(path, os.fsencode(tmp_path / "none.gguf"),
                                                   ctypes.byref(params)) == 0
         assert not (tmp_path / "none.gguf").exists()

@@ -331,7 +331,7 @@ def compute_imatrix(model_path: str | os.PathLike[str], text: str,
     Returns what is worth recording: chunks, chunk size, tokens, entries, seconds."""
     import llama_cpp
 
-    from qmgr.builtin.llama_quantizer import LlamaLog, cpu_count
+    from qmgr.builtin.llama_log import LlamaLog, cpu_count
 
     if n_ctx < MIN_ROWS:
         raise QuantizeError(f"n_ctx must be at least {MIN_ROWS}", code="imatrix_failed")

@@ -34,7 +34,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from qmgr import hookimpl
+from qmgr.builtin.llama_log import cpu_count
 from qmgr.run.contract import GenParams, LoadOptions, Piece, Refusal, Scores
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,6 @@ BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
 
 # Scored positions per Scores piece: 64 rows of Gemma's 262k vocabulary are 64 MiB of float32.
 SCORE_ROWS = 64
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -145,7 +138,7 @@ class LlamaCppBackend:
     def load(self, path: Path, options: LoadOptions) -> LlamaCppSession:
         import llama_cpp
 
-        from qmgr.builtin.llama_quantizer import LlamaLog
+        from qmgr.builtin.llama_log import LlamaLog
 
         kv_type = options.kv_type.lower()
         if kv_type not in KV_TYPES:

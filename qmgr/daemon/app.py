@@ -34,7 +34,7 @@ from qmgr.daemon.state import Daemon
 from qmgr.errors import QmgrError, as_qmgr_error
 
 if TYPE_CHECKING:
-    from qmgr.fit.service import Fitter
+    from qmgr.fetch.fitting import Fitter
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ PULL_BODY = {
 @endpoint("POST", "/v1/pulls", "Start a pull job (returns the job; follow /v1/jobs/{id}/events)",
           body=PULL_BODY)
 def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
-    from qmgr.fit.service import FitRequest
+    from qmgr.fetch.fitting import FitRequest
     from qmgr.refs import parse
 
     body = _json_body(request)
@@ -375,7 +375,7 @@ def start_pull(d: Daemon, request: Request) -> dict[str, Any]:
 def _fitter(d: Daemon, env: dict[str, str]) -> Fitter:
     """The fit service for one request: with the client's settings (its Hub endpoint and
     token) over the daemon's."""
-    from qmgr.fit.service import Fitter
+    from qmgr.fetch.fitting import Fitter
 
     return d.fitter if not env else Fitter(d.puller.with_env(env), d.settings)
 
@@ -383,7 +383,7 @@ def _fitter(d: Daemon, env: dict[str, str]) -> Fitter:
 @endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine, and why "
           "(?ref=REF[&ctx=N][&kv_type=f16|q8_0|q4_0][&headroom=0.1][&insecure=1])")
 def fit(d: Daemon, request: Request) -> dict[str, Any]:
-    from qmgr.fit.service import FitRequest
+    from qmgr.fetch.fitting import FitRequest
 
     q: dict[str, Any] = dict(request.query_params)
     if not q.get("ref"):
@@ -661,7 +661,7 @@ async def job_events(d: Daemon, request: Request) -> Response:
 
     from starlette.responses import StreamingResponse
 
-    from qmgr.daemon.jobs import TERMINAL
+    from qmgr.work.jobs import TERMINAL
 
     check_caller(caller(request.client), d.settings.system, d.settings.socket)
     _check_path_params(request)

@@ -20,14 +20,14 @@ class Daemon:
     """Catalog, store, plugins and watcher: what every request handler works with."""
 
     def __init__(self, settings: Settings):
-        from qmgr.daemon.jobs import JobRunner
         from qmgr.daemon.watcher import Watcher
+        from qmgr.fetch.fitting import Fitter
         from qmgr.fetch.pull import Puller
-        from qmgr.fit.service import Fitter
         from qmgr.quantize.job import Quantizing
         from qmgr.run.manager import ModelManager
         from qmgr.run.measure import Measuring
         from qmgr.run.service import Running
+        from qmgr.work.jobs import JobRunner
 
         self.settings = settings
         self.started = time.monotonic()
@@ -52,7 +52,7 @@ class Daemon:
         self.jobs.register("imatrix", self.quantizing.run_imatrix)
         keep_alive = float(os.environ.get("QMGR_KEEP_ALIVE", 300))
         self.models = ModelManager(keep_alive)
-        self.running = Running(self.catalog, self.fitter, self.models)
+        self.running = Running(self.catalog, self.fitter.hardware, self.models)
         self.measuring = Measuring(self.catalog, self.running, self.fitter.hardware)
         self.jobs.register("eval", self.measuring.run_eval)
         self.jobs.register("bench", self.measuring.run_bench)

@@ -25,8 +25,7 @@ from qmgr import gguf
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Blob, Origin, Variant, VariantState
-from qmgr.daemon.importer import AttachedFile, ShardFile, combined_facts, record_variant
-from qmgr.daemon.jobs import JobHandle
+from qmgr.catalog.record import AttachedFile, ShardFile, combined_facts, record_variant
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.fetch import aliases
 from qmgr.fetch.download import Cancelled, Download, Options
@@ -36,6 +35,7 @@ from qmgr.fetch.source import FetchContext, Source, listing_of
 from qmgr.plugins import PluginSet
 from qmgr.refs import Reference, parse
 from qmgr.store import Store
+from qmgr.work.jobs import JobHandle
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from qmgr import gguf
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Imatrix, Model, Origin, Variant, VariantState
-from qmgr.daemon.importer import ShardFile, combined_facts, record_variant
-from qmgr.daemon.jobs import JobHandle, run_worker
+from qmgr.catalog.record import ShardFile, combined_facts, record_variant
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.quantize.contract import QuantizeOptions
 from qmgr.store import Store, fsync_dir, hash_file
+from qmgr.work.jobs import JobHandle, run_worker
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,7 @@ def imatrix(request: dict[str, Any]) -> dict[str, Any]:
 
 def prepare() -> None:
     """Load what requests need before one arrives: the daemon starts the next worker ahead of
-    time (see ``qmgr.daemon.jobs.WarmWorkers``), and it waits here, ready. The quantizer
+    time (see ``qmgr.work.jobs.WarmWorkers``), and it waits here, ready. The quantizer
     plugins are looked up here too, and again when the request comes if a package was
     installed or removed meanwhile, so a newly installed one is seen."""
     quantizer_plugins().registered("register_quantizers")

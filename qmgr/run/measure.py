@@ -22,11 +22,11 @@ from sqlalchemy import select
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Eval, Model, Variant, VariantState
-from qmgr.daemon.jobs import JobHandle, run_worker
 from qmgr.errors import QmgrError
 from qmgr.eval import read_text
 from qmgr.run.crash import crash_error
 from qmgr.run.service import check_ctx
+from qmgr.work.jobs import JobHandle, run_worker
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from qmgr import gguf
@@ -10,6 +11,7 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import VariantState
 from qmgr.errors import QmgrError
 from qmgr.fit.estimate import ModelShape, place
+from qmgr.fit.hardware import Snapshot
 from qmgr.run.contract import LoadOptions
 from qmgr.run.manager import ModelManager, Runner
 
@@ -30,9 +32,12 @@ def check_ctx(name: str, facts: dict[str, Any], ctx: int) -> None:
 
 
 class Running:
-    def __init__(self, catalog: Catalog, fitter: Any, manager: ModelManager):
+    """``hardware(declared)``: the devices to place models on (what ``qmgr hw`` shows)."""
+
+    def __init__(self, catalog: Catalog, hardware: Callable[[str | None], Snapshot],
+                 manager: ModelManager):
         self.catalog = catalog
-        self.fitter = fitter
+        self.hardware = hardware
         self.manager = manager
 
     def variant(self, ref: str) -> tuple[str, list[str], dict[str, Any]]:
@@ -50,7 +55,7 @@ class Running:
             check_ctx(name, facts, ctx)
         n_ctx = ctx or min(DEFAULT_CTX, facts.get("context_length") or DEFAULT_CTX)
         shape = ModelShape.from_headers([gguf.read_header(p) for p in paths])
-        devices = self.fitter.hardware(hw).devices
+        devices = self.hardware(hw).devices
         placement = place(shape, devices, n_ctx, kv_type)
         if not placement.fits:
             need = sum(d.total for d in placement.devices)
