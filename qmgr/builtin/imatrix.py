@@ -50,7 +50,6 @@ from qmgr.errors import GGUFError
 from qmgr.gguf.reader import read_header
 from qmgr.quantize.contract import QuantizeError
 
-KEY_TYPE = "general.type"
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"

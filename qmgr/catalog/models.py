@@ -49,7 +49,6 @@ class VariantState(enum.StrEnum):
     READY = "ready"
     MISSING = "missing"  # a file the catalog knows is gone from disk
     MODIFIED = "modified"  # a file changed size since it was verified
-    PENDING = "pending"  # bytes are still arriving (download, quantization)
 
 
 class Origin(enum.StrEnum):

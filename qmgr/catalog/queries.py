@@ -23,7 +23,6 @@ from qmgr.errors import Conflict, NotFound, QmgrError
 from qmgr.refs import BUILTIN_ALIASES, BadReference, parse, redact_url
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_name(name: str) -> str:
@@ -247,15 +246,6 @@ def blobs_only_used_by(session: Session, variants: list[Variant]) -> list[Blob]:
             if users <= ids and f.blob not in out:
                 out.append(f.blob)
     return out
-
-
-def variants_under(session: Session, folder: str) -> list[Variant]:
-    prefix = folder.rstrip("/") + "/"
-    query = (
-        _variants_query().join(Variant.files).join(VariantFile.blob)
-        .where(Blob.path.startswith(prefix))
-    )
-    return list(session.scalars(query).unique())
 
 
 def set_state_for_blob(session: Session, blob: Blob, state: VariantState) -> int:
