@@ -123,6 +123,34 @@ def _socket_owner_pid(env: Env) -> int | None:
         return None
 
 
+def running_daemon(**env: str) -> Iterator[Env]:
+    """A private world with a daemon started in it (``env`` added to its environment first,
+    then the client's); removed afterwards. For ``yield from`` in fixtures."""
+    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
+    world = Env(root)
+    for hub in ("HF_ENDPOINT", "HF_TOKEN"):  # never the real Hub, never a real token
+        world.env.pop(hub, None)
+    world.env.update(env)
+    try:
+        world.start()
+        yield world
+    finally:
+        world.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def mirror(repo: Path) -> Iterator[Any]:
+    """The project's misbehaving mirror (tests/badmirror.py) serving the module's ``repo``."""
+    from badmirror import BadMirror
+
+    server = BadMirror(repo)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def qenv() -> Iterator[Env]:
     # AF_UNIX paths are limited to 108 bytes: keep the root short, not under pytest's tmp_path.

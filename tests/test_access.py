@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import Env, running_daemon
 from ggufmake import make_tiny_gguf
 
 pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
@@ -83,15 +83,7 @@ def test_a_per_user_daemon_answers_its_user_and_root_only(daemon: Env) -> None:
 @pytest.fixture
 def system_daemon(tmp_path: Path) -> Iterator[Env]:
     """A daemon in system mode, running as root (its group: root's, gid 0)."""
-    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
-    env = Env(root)
-    env.env["QMGR_SYSTEM"] = "1"
-    try:
-        env.start()
-        yield env
-    finally:
-        env.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_daemon(QMGR_SYSTEM="1")
 
 
 @needs_root

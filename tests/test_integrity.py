@@ -5,15 +5,13 @@ A real daemon, the project's misbehaving mirror on 127.0.0.1, real clients in pa
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from badmirror import BadMirror, sha256_of
-from conftest import QMGR, Env
+from conftest import QMGR, Env, running_daemon
 from ggufmake import make_tiny_gguf
 
 pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
@@ -28,26 +26,9 @@ def repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mirror(repo: Path) -> Iterator[BadMirror]:
-    server = BadMirror(repo)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def env(mirror: BadMirror) -> Iterator[Env]:
-    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
-    e = Env(root)
-    e.env.update(QMGR_HF_ENDPOINT=mirror.url, QMGR_STALL_TIMEOUT="5",
-                 QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="2")
-    try:
-        e.start()
-        yield e
-    finally:
-        e.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_daemon(QMGR_HF_ENDPOINT=mirror.url, QMGR_STALL_TIMEOUT="5",
+                              QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="2")
 
 
 def test_eight_clients_pulling_one_variant_share_one_download(env: Env, mirror: BadMirror,
@@ -138,19 +119,12 @@ def test_sigterm_ends_a_daemon_whose_job_is_stuck_in_a_body(env: Env, mirror: Ba
 
 
 def test_a_trickling_body_is_too_slow_and_fails_clearly(mirror: BadMirror) -> None:
-    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
-    e = Env(root)
-    e.env.update(QMGR_HF_ENDPOINT=mirror.url, QMGR_STALL_TIMEOUT="1",
-                 QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="1")
     mirror.behavior.update(mode="trickle", every_s=0.1)  # 10 bytes/s: never stalls
-    try:
-        e.start()
+    for e in running_daemon(QMGR_HF_ENDPOINT=mirror.url, QMGR_STALL_TIMEOUT="1",
+                            QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="1"):
         r = e.qmgr("pull", "hf.co/test/tiny:F16", check=False, timeout=60)
         assert r.returncode == 1 and "too slow" in r.stderr, r.stderr
         assert e.json("list") == []
-    finally:
-        e.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_plain_http_endpoint_redirecting_elsewhere_needs_insecure(env: Env, mirror: BadMirror,

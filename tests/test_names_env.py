@@ -9,15 +9,13 @@ user's shell does when the daemon was started elsewhere (autostarted earlier, or
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from badmirror import BadMirror, sha256_of
-from conftest import QMGR, Env
+from conftest import QMGR, Env, running_daemon
 from ggufmake import make_tiny_gguf
 from test_sources import failed
 
@@ -35,28 +33,12 @@ def repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def mirror(repo: Path) -> Iterator[BadMirror]:
-    server = BadMirror(repo)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def env(mirror: BadMirror) -> Iterator[Env]:
-    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
-    e = Env(root)
-    e.env.update(QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="1")
-    e.env.pop("HF_ENDPOINT", None)
-    e.env.pop("HF_TOKEN", None)
-    try:
-        e.start()  # no QMGR_HF_ENDPOINT: the daemon alone would go to huggingface.co
+    # No QMGR_HF_ENDPOINT for the daemon: alone, it would go to huggingface.co.
+    for e in running_daemon(QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05",
+                            QMGR_RETRIES="1"):
         e.env["QMGR_HF_ENDPOINT"] = mirror.url  # the user's shell has it
         yield e
-    finally:
-        e.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_the_clients_endpoint_and_token_are_used(env: Env, mirror: BadMirror,

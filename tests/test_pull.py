@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +21,6 @@ def repo(tmp_path: Path) -> Path:
     make_tiny_gguf(d / "tiny-F16.gguf", ftype="F16", n_vocab=2000)
     (d / "README.md").write_text("not a model")
     return root
-
-
-@pytest.fixture
-def mirror(repo: Path) -> Iterator[BadMirror]:
-    server = BadMirror(repo)
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -207,14 +196,9 @@ def test_registry_lies_are_refused(pulling: Env, mirror: BadMirror, repo: Path) 
 def test_no_redirect_from_https_to_http(qenv: Env, repo: Path, tmp_path: Path) -> None:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make a certificate for the https test server")
-    import ssl
+    from hubreplay import tls_for_loopback
 
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    context, cert = tls_for_loopback(tmp_path)
     plain = BadMirror(repo)
     secure = BadMirror(repo, ssl_context=context)
     try:

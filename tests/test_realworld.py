@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Env
+from conftest import Env, running_daemon
 from hubreplay import (
     BARTOWSKI,
     UNSLOTH,
@@ -34,31 +31,15 @@ from hubreplay import (
     quant_in_name,
 )
 from ociregistry import MODEL_TYPE, PROJECTOR_TYPE, SYSTEM_TYPE
+from test_sources import failed
 
 HW = "ram=16GiB,cores=4"
 
 
 def _env(**extra: str) -> Iterator[Env]:
-    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
-    env = Env(root)
-    env.env.pop("HF_TOKEN", None)
-    env.env.update(QMGR_STALL_TIMEOUT="5", QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="2",
-                   QMGR_HW=HW, **extra)
-    try:
-        env.start()
-        yield env
-    finally:
-        env.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_daemon(QMGR_STALL_TIMEOUT="5", QMGR_RETRY_BACKOFF="0.05",
+                              QMGR_RETRIES="2", QMGR_HW=HW, **extra)
 
-
-def failed(r: subprocess.CompletedProcess[str]) -> str:
-    """The error a failed command printed: one ``Error: ...`` line last, no traceback."""
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: "), r.stderr
-    return last
 
 
 def sha256_of(path: str | Path) -> str:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,21 +19,14 @@ from typing import Any
 
 import pytest
 from badmirror import BadMirror, random_file, sha256_of
-from conftest import QMGR, Env
+from conftest import QMGR, Env, running_daemon
 from ggufmake import make_tiny_gguf
 from ociregistry import OCIRegistry
 
 
 def _env(**extra: str) -> Iterator[Env]:
-    root = Path(tempfile.mkdtemp(prefix="qm-", dir="/tmp"))
-    env = Env(root)
-    env.env.update(QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05", QMGR_RETRIES="2", **extra)
-    try:
-        env.start()
-        yield env
-    finally:
-        env.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from running_daemon(QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05",
+                              QMGR_RETRIES="2", **extra)
 
 
 def rows_with(env: Env, sha256: str) -> list[dict[str, Any]]:
