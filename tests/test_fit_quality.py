@@ -201,7 +201,7 @@ def test_measured_lineage(shapes: dict[str, ModelShape]) -> None:
 
 
 def record_eval(env: Env, ref: str, value: float, base: str | None) -> None:
-    """An Eval row, as qmgr.run.measure.Measuring.store writes it."""
+    """An Eval row, as qmgr.eval.jobs.Measuring.store writes it."""
     from qmgr.catalog import queries
     from qmgr.catalog.db import Catalog
     from qmgr.catalog.models import Eval

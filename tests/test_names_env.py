@@ -19,7 +19,7 @@ from conftest import QMGR, Env, running_daemon
 from ggufmake import make_tiny_gguf
 from test_sources import failed
 
-from qmgr.cli.pull import progress_line
+from qmgr.cli.progress import progress_line
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from qmgr import __version__
 from qmgr.errors import QmgrError
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
+# Every command that shows something takes --json (the result on stdout, as JSON).
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 # Control characters (C0 but newline and tab, DEL, C1): in a name from a GGUF header or a
 # registry they could move the cursor, retitle the terminal or hide text.
@@ -171,6 +173,7 @@ def _exit_status(code: object) -> int:
 from qmgr.cli import (  # noqa: E402, F401
     catalog,
     fit,
+    jobs,
     measure,
     mirror,
     pull,

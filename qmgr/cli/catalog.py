@@ -7,10 +7,8 @@ from typing import Any
 
 import click
 
-from qmgr.cli import cli, client, emit_json, human_count, human_size, safe, table
+from qmgr.cli import cli, client, emit_json, human_count, human_size, json_option, safe, table
 from qmgr.client import absolute, ref_path
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @cli.command(name="list")

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from qmgr.cli import cli, client, emit_json, human_size, table
+from qmgr.cli import cli, client, emit_json, human_size, json_option, table
 
 KV_TYPES = ["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 
@@ -84,7 +84,7 @@ def show_decision(out: dict[str, Any], err: bool = False) -> None:
 @click.argument("ref")
 @fit_options
 @click.option("--insecure", is_flag=True, help="Allow plain http (a registry on your network).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def fit(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
         headroom: float | None, insecure: bool, as_json: bool) -> None:
@@ -104,7 +104,7 @@ def fit(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
 
 
 @cli.command(name="hw")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def hw(ctx: click.Context, as_json: bool) -> None:
     """The devices qmgr plans for: probed, or declared with QMGR_HW='ram=16GiB,cuda=24GiB'."""

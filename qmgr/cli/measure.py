@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from qmgr.cli import cli, client, human_size, table
+from qmgr.cli import cli, client, human_size, json_option, table
 from qmgr.cli.quantize import _run_job
 from qmgr.client import absolute
 
@@ -30,7 +30,7 @@ def _sizes(ctx: click.Context, refs: list[str]) -> dict[str, dict[str, Any]]:
 @click.option("--max-tokens", type=int, help="Use only the text's first N tokens.")
 @click.option("--detach", is_flag=True, help="Start the job and return.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def eval_(ctx: click.Context, ref: str, variants: str | None, text: str | None, ctx_len: int,
           max_tokens: int | None, detach: bool, quiet: bool, as_json: bool) -> None:
@@ -69,7 +69,7 @@ def eval_(ctx: click.Context, ref: str, variants: str | None, text: str | None, 
 @click.option("--tokens", type=int, default=64, show_default=True, help="Tokens to generate.")
 @click.option("--detach", is_flag=True, help="Start the job and return.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def bench(ctx: click.Context, ref: str, variants: str | None, tokens: int, detach: bool,
           quiet: bool, as_json: bool) -> None:

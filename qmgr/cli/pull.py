@@ -1,105 +1,15 @@
-"""``qmgr pull``, ``qmgr variants``, ``qmgr jobs``, ``qmgr cancel``, ``qmgr alias``."""
+"""``qmgr pull``, ``qmgr variants``, ``qmgr alias``."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import time
 from typing import Any
 from urllib.parse import quote
 
 import click
 
-from qmgr.cli import cli, client, emit_json, human_size, table
+from qmgr.cli import cli, client, emit_json, human_size, json_option, table
 from qmgr.cli.fit import fit_options, fit_query, show_decision
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-
-
-def _bar(job: dict[str, Any], width: int = 28) -> str:
-    p = job.get("progress") or {}
-    phase = p.get("phase") or job["state"]
-    done, total = p.get("done") or 0, p.get("total")
-    if p.get("fraction") is not None and phase not in ("done", "downloading"):
-        frac = min(1.0, float(p["fraction"]))
-        filled = int(frac * width)
-        return (f"{phase} {frac * 100:5.1f}% [{'#' * filled}{'.' * (width - filled)}] "
-                f"{p.get('message', '')[:40]}")
-    if phase != "downloading" or not total:
-        return f"{phase}..."
-    frac = min(1.0, done / total)
-    filled = int(frac * width)
-    speed = p.get("speed")
-    eta = f"  ETA {max(0, (total - done) / speed):.0f} s" if speed else ""
-    rate = f"  {human_size(int(speed))}/s" if speed else ""
-    return (f"{frac * 100:5.1f}% [{'#' * filled}{'.' * (width - filled)}] "
-            f"{human_size(done)} / {human_size(total)}{rate}{eta}")
-
-
-def _columns() -> int:
-    """The terminal's width now (it may be resized while a pull runs)."""
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
-    except OSError:
-        return 80
-
-
-def progress_line(label: str, job: dict[str, Any], columns: int) -> str:
-    """One line of progress that fits ``columns``: a line that wraps leaves a stale copy
-    behind at every redraw, as ``\r`` only goes back to the start of the last row. The bar
-    narrows first, then the label loses its middle, then goes; then the end is cut."""
-    room = max(columns - 1, 10)
-    short = label if len(label) <= 24 else label[:10] + "..." + label[-11:]
-    for text in (f"{label}  {_bar(job, 28)}", f"{label}  {_bar(job, 10)}",
-                 f"{short}  {_bar(job, 10)}", _bar(job, 10)):
-        if len(text) <= room:
-            return text
-    return _bar(job, 0)[:room]
-
-
-def follow(ctx: click.Context, job: dict[str, Any], *, as_json: bool, quiet: bool,
-           label: str) -> dict[str, Any]:
-    """Show a job's events until it ends; returns its final state. Ctrl-C asks whether to
-    cancel it or leave it running in the daemon."""
-    c = client(ctx)
-    tty = sys.stderr.isatty() and not quiet and not as_json
-    last_phase = None
-    last_draw = 0.0
-    final = job
-    # Without a bar or --json, only changes of state and phase are wanted.
-    query = "" if tty or as_json else "?progress=0"
-    try:
-        for event in c.stream_lines(f"/v1/jobs/{job['id']}/events{query}"):
-            final = event
-            if as_json:
-                sys.stdout.write(json.dumps(event) + "\n")
-                sys.stdout.flush()
-                continue
-            phase = (event.get("progress") or {}).get("phase")
-            if tty and (time.monotonic() - last_draw > 0.1 or event["state"] != "running"):
-                click.echo("\r" + progress_line(label, event, _columns()) + "\x1b[K", nl=False,
-                           err=True)
-                last_draw = time.monotonic()
-            elif not tty and not quiet and phase != last_phase and phase:
-                click.echo(f"{label}: {phase}", err=True)
-            last_phase = phase
-    except KeyboardInterrupt:
-        if tty:
-            click.echo("", err=True)
-        leave = sys.stdin.isatty() and not click.confirm(
-            f"Cancel job {job['id']}? (no leaves it running in the daemon)", default=False,
-            err=True)
-        if leave:
-            click.echo(f"job {job['id']} goes on: `qmgr jobs` shows it, "
-                       f"`qmgr cancel {job['id']}` stops it", err=True)
-            sys.exit(130)
-        c.post(f"/v1/jobs/{job['id']}/cancel", {})
-        click.echo(f"cancelled job {job['id']}", err=True)
-        sys.exit(130)
-    if tty:
-        click.echo("", err=True)
-    return final
+from qmgr.cli.progress import follow
 
 
 @cli.command(name="pull")
@@ -200,29 +110,6 @@ def variants(ctx: click.Context, ref: str, insecure: bool, no_headers: bool,
                    + (", ..." if len(extras) > 6 else ""), err=True)
     for s in skipped:
         click.echo(f"skipped {s['name']}: {s['why']}", err=True)
-
-
-@cli.command(name="jobs")
-@json_option
-@click.pass_context
-def jobs(ctx: click.Context, as_json: bool) -> None:
-    """List recent jobs (pulls and other long work)."""
-    out = client(ctx).get("/v1/jobs")
-    if as_json:
-        emit_json(out)
-        return
-    rows = [[str(j["id"]), j["kind"], j["arguments"].get("ref", ""), j["state"],
-             _bar(j) if j["state"] == "running" else (j.get("error") or "")] for j in out]
-    click.echo(table(rows, ["ID", "KIND", "REF", "STATE", "PROGRESS"]))
-
-
-@cli.command(name="cancel")
-@click.argument("job_id", type=int)
-@click.pass_context
-def cancel(ctx: click.Context, job_id: int) -> None:
-    """Cancel a running job."""
-    client(ctx).post(f"/v1/jobs/{job_id}/cancel", {})
-    click.echo(f"cancelling job {job_id}")
 
 
 @cli.group(name="alias")

@@ -6,8 +6,8 @@ from typing import Any
 
 import click
 
-from qmgr.cli import cli, client, emit_json, table
-from qmgr.cli.pull import follow
+from qmgr.cli import cli, client, emit_json, json_option, table
+from qmgr.cli.progress import follow
 from qmgr.client import absolute
 
 
@@ -45,7 +45,7 @@ def _run_job(ctx: click.Context, path: str, body: dict[str, Any], detach: bool, 
 @click.option("--threads", type=int, help="Threads (default: all cores).")
 @click.option("--detach", is_flag=True, help="Start the job and return.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def quantize(ctx: click.Context, ref: str, targets: str, quantizer: str | None,
              imatrix: str | None, leave_output: bool, pure: bool, allow_requantize: bool,
@@ -95,7 +95,7 @@ def quantize(ctx: click.Context, ref: str, targets: str, quantizer: str | None,
               help="Tokens per chunk.")
 @click.option("--detach", is_flag=True, help="Start the job and return.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def imatrix(ctx: click.Context, ref: str, text: str, n_ctx: int, detach: bool, quiet: bool,
             as_json: bool) -> None:
@@ -111,7 +111,7 @@ def imatrix(ctx: click.Context, ref: str, text: str, n_ctx: int, detach: bool, q
 
 
 @cli.command(name="quantizers")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def quantizers(ctx: click.Context, as_json: bool) -> None:
     """List installed quantizers and the types each can make."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from qmgr.cli import cli, client, emit_json, human_size, table
+from qmgr.cli import cli, client, emit_json, human_size, json_option, table
 
 KV = ["f16", "q8_0", "q4_0"]
 
@@ -265,7 +265,7 @@ def emit_json_line(obj: dict[str, Any]) -> None:
 
 
 @cli.command(name="ps")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def ps(ctx: click.Context, as_json: bool) -> None:
     """List loaded models: memory, context, GPU layers, idle time."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from qmgr.cli import cli, client, emit_json, table
+from qmgr.cli import cli, client, emit_json, json_option, table
 
 
 @cli.command(name="status")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the daemon's version, socket, data directory and catalog counts."""
@@ -27,7 +27,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command(name="plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """List the daemon's plugins: name, version, hooks, errors."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from qmgr.cli import cli, client, emit_json
+from qmgr.cli import cli, client, emit_json, json_option
 from qmgr.client import absolute
 
 
@@ -15,7 +15,7 @@ def watch() -> None:
 
 @watch.command(name="add")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def add(ctx: click.Context, directory: str, as_json: bool) -> None:
     """Watch DIRECTORY (and its subfolders)."""
@@ -27,7 +27,7 @@ def add(ctx: click.Context, directory: str, as_json: bool) -> None:
 
 
 @watch.command(name="list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
     """List watched folders, and files recently refused in them."""

@@ -21,11 +21,11 @@ class Daemon:
 
     def __init__(self, settings: Settings):
         from qmgr.daemon.watcher import Watcher
+        from qmgr.eval.jobs import Measuring
         from qmgr.fetch.fitting import Fitter
         from qmgr.fetch.pull import Puller
         from qmgr.quantize.job import Quantizing
         from qmgr.run.manager import ModelManager
-        from qmgr.run.measure import Measuring
         from qmgr.run.service import Running
         from qmgr.work.jobs import JobRunner
 
