@@ -40,7 +40,6 @@ DEBT = {
     ("builtin", "eval"): "the backend's scoring uses eval's metrics: a public plugin module",
     ("quantize", "builtin"): "importance matrices hard-wired: a capability a plugin provides",
     ("mirror", "fetch"): "file-name rules (strip_quant_suffix) belong with the references",
-    ("cli", "daemon"): "`qmgr daemon` imports the daemon: exec qmgrd instead",
     ("cli", "mirror"): "`qmgr mirror serve` runs the mirror in the client's process",
 }
 

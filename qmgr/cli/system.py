@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from qmgr.cli import cli, client, emit_json, json_option, table
@@ -50,8 +52,17 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def daemon(ctx: click.Context, system: bool | None, home: str | None) -> None:
     """Run the daemon in the foreground (what `qmgrd` does)."""
-    from qmgr import settings
-    from qmgr.daemon.main import run
+    import os
 
     root = ctx.find_root().obj or {}
-    ctx.exit(run(settings.load(system=system, socket=root.get("socket"), home=home)))
+    argv = [sys.executable, "-m", "qmgr.daemon.main"]
+    if system:
+        argv.append("--system")
+    if root.get("socket"):
+        argv += ["--socket", root["socket"]]
+    if home:
+        argv += ["--home", home]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # This process becomes qmgrd: the client never imports the daemon (its layer rule).
+    os.execv(sys.executable, argv)
