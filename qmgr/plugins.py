@@ -32,6 +32,7 @@ import pluggy
 
 import qmgr
 from qmgr import hookspecs
+from qmgr.errors import QmgrError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,10 @@ COMMANDS_GROUP = "qmgr.commands"
 # Hooks whose only argument is ``register``: what they register is collected and kept.
 REGISTER_HOOKS = ("register_sources", "register_quantizers", "register_probes",
                   "register_backends")
+
+
+class PluginNotFound(QmgrError):
+    http_status = 404
 
 
 @dataclasses.dataclass
@@ -152,6 +157,17 @@ class PluginSet:
             if hook_name not in self.registries:
                 self.registries[hook_name] = self.collect(hook_name)
             return self.registries[hook_name]
+
+    def find(self, hook_name: str, name: str, what: str) -> Any:
+        """The object a plugin registered through ``hook_name`` under ``name`` (``what``: a
+        quantizer, a backend... for the error, which lists what is installed)."""
+        found = self.registered(hook_name)
+        for obj in found:
+            if getattr(obj, "name", None) == name:
+                return obj
+        names = ", ".join(sorted(str(getattr(o, "name", "?")) for o in found)) or "none"
+        raise PluginNotFound(f"no {what} named {name!r} (installed: {names})",
+                             code=f"no_{what}")
 
     def collect(self, hook_name: str) -> list[Any]:
         """Call ``hook_name(register)`` on every plugin, one at a time, and gather what each

@@ -435,10 +435,7 @@ def start_quantize(d: Daemon, request: Request) -> dict[str, Any]:
     d.quantizing.source(body["ref"])  # a missing or unready source fails before a job exists
     quantizer = body.get("quantizer")
     if quantizer is not None:
-        names = [q.name for q in d.plugins.registered("register_quantizers")]
-        if quantizer not in names:
-            raise QmgrError(f"no quantizer named {quantizer!r} (installed: {', '.join(names)})",
-                            code="no_quantizer", http_status=404)
+        d.plugins.find("register_quantizers", quantizer, "quantizer")  # 404 before a job
     return d.jobs.submit("quantize", {
         "ref": body["ref"], "targets": [t.upper() for t in targets], "quantizer": quantizer,
         "imatrix": body.get("imatrix"), "options": body.get("options") or {}})

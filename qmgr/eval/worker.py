@@ -71,15 +71,12 @@ class EvalError(Exception):
 
 
 def find_backend(name: str) -> Any:
-    from qmgr.plugins import PluginSet
+    from qmgr.plugins import PluginNotFound, PluginSet
 
-    backends = PluginSet().registered("register_backends")
-    for b in backends:
-        if getattr(b, "name", None) == name:
-            return b
-    names = ", ".join(sorted(str(getattr(b, "name", "?")) for b in backends))
-    raise EvalError(f"no backend named {name!r} (installed: {names or 'none'})",
-                    code="no_backend")
+    try:
+        return PluginSet().find("register_backends", name, "backend")
+    except PluginNotFound as e:
+        raise EvalError(e.message, code=e.code) from None
 
 
 def load(backend: Any, ref: str, path: str, options: LoadOptions) -> Any:

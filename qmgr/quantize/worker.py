@@ -64,14 +64,12 @@ def quantizer_plugins() -> Any:
 
 
 def find_quantizer(name: str) -> Any:
-    plugins = quantizer_plugins()
-    for q in plugins.registered("register_quantizers"):
-        if getattr(q, "name", None) == name:
-            return q
-    names = ", ".join(sorted(str(getattr(q, "name", "?"))
-                             for q in plugins.registered("register_quantizers")))
-    raise QuantizeError(f"no quantizer named {name!r} (installed: {names or 'none'})",
-                        code="no_quantizer")
+    from qmgr.plugins import PluginNotFound
+
+    try:
+        return quantizer_plugins().find("register_quantizers", name, "quantizer")
+    except PluginNotFound as e:
+        raise QuantizeError(e.message, code=e.code) from None
 
 
 def quantize(request: dict[str, Any]) -> dict[str, Any]:

@@ -33,12 +33,7 @@ from qmgr.workerio import emit
 def find_backend(name: str) -> Any:
     from qmgr.plugins import PluginSet
 
-    backends = PluginSet().registered("register_backends")
-    for b in backends:
-        if getattr(b, "name", None) == name:
-            return b
-    raise LookupError(f"no backend named {name!r} (installed: "
-                      f"{', '.join(str(getattr(b, 'name', '?')) for b in backends) or 'none'})")
+    return PluginSet().find("register_backends", name, "backend")
 
 
 def rss() -> int:
