@@ -115,7 +115,7 @@ class Fitter:
         header_bytes = 0
         with make_client(self.puller.stall_timeout(), env.get("QMGR_CA_BUNDLE")) as client:
             ctx = FetchContext(client, insecure=insecure, env=env)
-            offered = self.puller.source_for(ref).variants(ref, ctx)
+            offered = self.puller.listing(ref, ctx).variants  # as pull lists it
             if ref.quant and ref.kind == "hf":
                 offered = [v for v in offered if v.quant and v.quant.upper() == ref.quant.upper()]
             for v in offered:

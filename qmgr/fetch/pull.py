@@ -124,8 +124,7 @@ class Puller:
         return {"ref": ref.canonical, **out}
 
     @staticmethod
-    def choose(ref: Reference, offered: list[RemoteVariant] | Listing) -> RemoteVariant:
-        listing = offered if isinstance(offered, Listing) else Listing(offered)
+    def choose(ref: Reference, listing: Listing) -> RemoteVariant:
         offered = listing.variants
         refused = [s for s in listing.skipped if s.refused]
         if not offered:
