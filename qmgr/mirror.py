@@ -26,10 +26,11 @@ inode, and kept in a small SQLite state file, so a restart hashes only what chan
 ``start_hashing()`` was called hashes in one background thread and answers at once; one
 without it hashes in the request that first needs a digest (tests, benchmarks).
 
-Standard library only (``qmgr.fetch.remote``'s naming rules need no more): a threading
-HTTP/1.1 server that sends bodies with ``sendfile``, logs one line per request (logger
-``qmgr.mirror.access``), binds to loopback unless told otherwise, never follows a symlink out
-of DIR, and answers every revision with the folder's current files.
+Standard library only (``qmgr.gguf.names``'s naming rules and ``qmgr.plugin.source``'s
+types need no more): a threading HTTP/1.1 server that sends bodies with ``sendfile``, logs
+one line per request (logger ``qmgr.mirror.access``), binds to loopback unless told
+otherwise, never follows a symlink out of DIR, and answers every revision with the folder's
+current files.
 """
 
 from __future__ import annotations
@@ -55,15 +56,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from qmgr.fetch.remote import (
-    PROJECTOR_RE,
-    SHARD_RE,
-    RemoteFile,
-    file_kind,
-    group_gguf_files,
-    quant_from_name,
-    strip_quant_suffix,
-)
+from qmgr.gguf.names import PROJECTOR_RE, SHARD_RE, file_kind, quant_from_name, strip_quant_suffix
+from qmgr.plugin.source import RemoteFile, group_gguf_files
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("qmgr.mirror.access")

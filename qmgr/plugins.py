@@ -6,8 +6,11 @@ in the ``qmgr`` group. Loading is guarded: a plugin that fails to import, declar
 hook, or raises inside a hook is recorded in its :class:`PluginInfo` ``errors`` and skipped.
 
 What plugins register (sources, quantizers, probes, backends) is collected once per hook, on
-first use: :meth:`PluginSet.registered`. :meth:`PluginSet.describe` collects every kind first,
-so ``qmgr plugins`` also reports a plugin that raises while registering.
+first use: :meth:`PluginSet.registered`, through pluggy's hook caller, so ``tryfirst``,
+``trylast`` and wrappers work as pluggy documents. Each implementation runs guarded: one that
+raises is recorded and contributes nothing, and the others still run.
+:meth:`PluginSet.describe` collects every kind first, so ``qmgr plugins`` also reports a
+plugin that raises while registering.
 
 Switches (environment):
 
@@ -26,13 +29,19 @@ import os
 import threading
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
 import qmgr
-from qmgr import hookspecs
 from qmgr.errors import QmgrError
+from qmgr.plugin import hookspecs
+
+if TYPE_CHECKING:
+    from qmgr.fit.hardware import Probe
+    from qmgr.plugin.backend import Backend
+    from qmgr.plugin.quantizer import Quantizer
+    from qmgr.plugin.source import Source
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +64,10 @@ ENTRY_POINT_GROUP = "qmgr"
 # slow).
 COMMANDS_GROUP = "qmgr.commands"
 
-# Hooks whose only argument is ``register``: what they register is collected and kept.
-REGISTER_HOOKS = ("register_sources", "register_quantizers", "register_probes",
-                  "register_backends")
+# Hooks whose only argument is ``register``: what they register is collected and kept, and
+# the kind of thing each registers (for ``qmgr plugins`` and errors).
+REGISTER_HOOKS = {"register_sources": "source", "register_quantizers": "quantizer",
+                  "register_probes": "probe", "register_backends": "backend"}
 
 
 class PluginNotFound(QmgrError):
@@ -66,10 +76,15 @@ class PluginNotFound(QmgrError):
 
 @dataclasses.dataclass
 class PluginInfo:
-    name: str
-    version: str
+    name: str  # the entry point's name (a built-in's module name)
+    version: str  # its distribution's version
     builtin: bool
+    # The distribution a user installed it with (``pip install qmgr-sensitive``); ``qmgr``
+    # for the built-ins.
+    distribution: str = "qmgr"
     hooks: list[str] = dataclasses.field(default_factory=list)
+    # What it registered, as ``kind:name`` (``quantizer:sensitive``).
+    provides: list[str] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,10 +133,12 @@ class PluginSet:
             ):
                 continue
             version = ep.dist.version if ep.dist is not None else "?"
-            self._load(ep.name, version, False, ep.load)
+            dist = ep.dist.name if ep.dist is not None else "?"
+            self._load(ep.name, version, False, ep.load, dist)
 
-    def _load(self, name: str, version: str, builtin: bool, load: Callable[[], Any]) -> None:
-        info = self.info.setdefault(name, PluginInfo(name, version, builtin))
+    def _load(self, name: str, version: str, builtin: bool, load: Callable[[], Any],
+              distribution: str = "qmgr") -> None:
+        info = self.info.setdefault(name, PluginInfo(name, version, builtin, distribution))
         try:
             plugin = load()
             self.pm.register(plugin, name=name)
@@ -138,12 +155,50 @@ class PluginSet:
             log.warning("plugin %s is invalid: %s", name, e)
             return
         # Hook names, not function names: a hookimpl may be named otherwise (``specname``).
-        info.hooks = sorted(hook.name for hook in self.pm.get_hookcallers(plugin) or [])
+        callers = self.pm.get_hookcallers(plugin) or []
+        info.hooks = sorted(hook.name for hook in callers)
+        for caller in callers:
+            if caller.name not in REGISTER_HOOKS:
+                continue
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin and not (impl.hookwrapper or impl.wrapper):
+                    # pluggy calls impl.function (Final in its type hints only).
+                    impl.function = self._guarded(  # type: ignore[misc]
+                        info, caller.name, impl.function, impl.argnames)
         self.registries.clear()
+
+    def _guarded(self, info: PluginInfo, hook_name: str, function: Callable[..., Any],
+                 argnames: tuple[str, ...]) -> Callable[..., None]:
+        """``function`` as pluggy will call it (positional arguments named ``argnames``),
+        made safe: what it registers is kept only if it returns; what it raises is recorded
+        in ``info``, not passed on to the other plugins' implementations."""
+        kind = REGISTER_HOOKS[hook_name]
+
+        def guarded(*args: Any) -> None:
+            given = dict(zip(argnames, args, strict=True))
+            mine: list[Any] = []
+            try:
+                function(*(mine.append if a == "register" else given[a] for a in argnames))
+            except (Exception, SystemExit) as e:
+                self._failed(info, f"{hook_name} raised "
+                             + traceback.format_exception_only(type(e), e)[-1].strip())
+                return
+            for obj in mine:
+                info.provides.append(f"{kind}:{getattr(obj, 'name', type(obj).__name__)}")
+                if "register" in given:
+                    given["register"](obj)
+
+        return guarded
+
+    @staticmethod
+    def _failed(info: PluginInfo, error: str) -> None:
+        if error not in info.errors:
+            info.errors.append(error)
+        log.warning("plugin %s: %s", info.name, error)
 
     def register(self, plugin: Any, name: str, version: str = "test") -> None:
         """Register an in-process plugin object (tests use this; unregister in ``finally``)."""
-        self._load(name, version, False, lambda: plugin)
+        self._load(name, version, False, lambda: plugin, name)
 
     def unregister(self, name: str) -> None:
         """Remove a plugin, loaded or not (safe in ``finally`` after a failed register)."""
@@ -170,26 +225,41 @@ class PluginSet:
                              code=f"no_{what}")
 
     def collect(self, hook_name: str) -> list[Any]:
-        """Call ``hook_name(register)`` on every plugin, one at a time, and gather what each
-        registers. A plugin that raises is recorded and contributes nothing."""
+        """Call ``hook_name(register)`` through pluggy and gather what every plugin registers.
+        Implementations are guarded (see ``_guarded``); a wrapper that raises is recorded."""
         collected: list[Any] = []
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            name = self.pm.get_name(impl.plugin) or "?"
-            mine: list[Any] = []
-            # pluggy lets an implementation take fewer arguments than the spec names.
-            args = {"register": mine.append}
-            try:
-                impl.function(**{a: args[a] for a in impl.argnames})
-            except (Exception, SystemExit) as e:
-                detail = traceback.format_exception_only(type(e), e)[-1].strip()
-                error = f"{hook_name} raised {detail}"
-                errors = self.info[name].errors if name in self.info else []
-                if error not in errors:
-                    errors.append(error)
-                log.warning("plugin %s: %s", name, error)
-                continue
-            collected.extend(mine)
+        kind = REGISTER_HOOKS.get(hook_name)
+        for info in self.info.values():
+            info.provides = [p for p in info.provides if not p.startswith(f"{kind}:")]
+        caller = getattr(self.pm.hook, hook_name)
+        try:
+            caller(register=collected.append)
+        except (Exception, SystemExit) as e:
+            # Only a wrapper can raise here: blame the one whose code the traceback passes.
+            wrappers = {impl.function.__code__: self.pm.get_name(impl.plugin)
+                        for impl in caller.get_hookimpls() if impl.hookwrapper or impl.wrapper}
+            tb, culprit = e.__traceback__, None
+            while tb is not None:
+                culprit = wrappers.get(tb.tb_frame.f_code, culprit)
+                tb = tb.tb_next
+            detail = traceback.format_exception_only(type(e), e)[-1].strip()
+            if culprit in self.info:
+                self._failed(self.info[culprit], f"{hook_name} (a wrapper) raised {detail}")
+            else:
+                log.warning("%s raised %s", hook_name, detail)
         return collected
+
+    def sources(self) -> list[Source]:
+        return cast("list[Source]", self.registered("register_sources"))
+
+    def quantizers(self) -> list[Quantizer]:
+        return cast("list[Quantizer]", self.registered("register_quantizers"))
+
+    def probes(self) -> list[Probe]:
+        return cast("list[Probe]", self.registered("register_probes"))
+
+    def backends(self) -> list[Backend]:
+        return cast("list[Backend]", self.registered("register_backends"))
 
     def describe(self) -> list[dict[str, Any]]:
         # Registering is where a plugin's code first runs: do it now so its errors show here.

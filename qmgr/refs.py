@@ -54,7 +54,8 @@ class BadReference(QmgrError):
 
 @dataclass(frozen=True)
 class Reference:
-    """A parsed reference. ``kind`` is ``alias``, ``hf``, ``ollama`` or ``url``."""
+    """A parsed reference. ``kind`` is ``alias``, ``hf``, ``ollama``, ``url``, or the scheme
+    of a reference a source plugin owns (``s3`` for ``s3://bucket/model:Q4_K_M``)."""
 
     kind: str
     raw: str
@@ -74,6 +75,8 @@ class Reference:
             return f"ollama://{self.host}/{self.name}:{self.quant}"
         if self.kind == "url":
             return self.url or self.raw
+        if self.kind != "alias":
+            return f"{self.kind}://{self.name}" + (f":{self.quant}" if self.quant else "")
         return self.name + (f":{self.quant}" if self.quant else "")
 
 
@@ -171,7 +174,7 @@ def parse(ref: str) -> Reference:
     if ref.startswith("ollama://"):
         return _parse_ollama(ref)
     if "://" in ref:
-        raise _bad(ref, "unknown scheme (use hf.co/, hf://, ollama:// or https://)")
+        return _parse_scheme(ref)
     name, _, quant = ref.partition(":")
     if name.startswith(("/", ".", "~")):
         raise _bad(ref, "a path is not a reference (use `qmgr import PATH` for a local file)")
@@ -179,6 +182,23 @@ def parse(ref: str) -> Reference:
         raise _bad(ref, "a name has no '/' (for a Hugging Face repository write hf.co/OWNER/REPO)")
     return Reference("alias", ref, _component(ref, name, "name").lower(),
                      quant=_quant(ref, quant or None))
+
+
+SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,31}$")
+
+
+def _parse_scheme(ref: str) -> Reference:
+    """``SCHEME://PATH[:QUANT]`` for a source plugin's own scheme: each part of the path a
+    safe name. Whether a source owns the scheme is the puller's question (``no_source``
+    names those installed); a source may parse its references more strictly itself."""
+    scheme, _, rest = ref.partition("://")
+    if not SCHEME_RE.match(scheme):
+        raise _bad(ref, "unknown scheme (use hf.co/, hf://, ollama:// or https://)")
+    path, _, quant = rest.partition(":")
+    parts = path.split("/")
+    for part in parts:
+        _component(ref, part, "path part")
+    return Reference(scheme, ref, "/".join(parts), quant=_quant(ref, quant or None))
 
 
 def _parse_ollama(ref: str) -> Reference:

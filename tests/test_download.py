@@ -15,8 +15,8 @@ import pytest
 from badmirror import BadMirror, random_file, sha256_of
 
 from qmgr.fetch.download import ALIGN, Download, Options
-from qmgr.fetch.http import make_client
-from qmgr.fetch.remote import RemoteFile
+from qmgr.plugin.http import make_client
+from qmgr.plugin.source import RemoteFile
 from qmgr.store import Store
 
 SIZE = 9 * (1 << 20) + 1234  # not a multiple of anything

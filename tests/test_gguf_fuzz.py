@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qmgr.errors import GGUFError
-from qmgr.gguf import BytesSource, facts_from_header, read_header_from
+from qmgr.gguf import BytesReader, facts_from_header, read_header_from
 
 pytestmark = pytest.mark.reliability  # the reliability suite: docs/operations.md
 
@@ -53,7 +53,7 @@ def _seed_files() -> list[tuple[bytes, int, list[int]]]:
                 extra_kv={"llama.attention.sliding_window_pattern": [True, False, True]},
             )
             data = path.read_bytes()
-            offset = read_header_from(BytesSource(data)).data_offset
+            offset = read_header_from(BytesReader(data)).data_offset
             seeds.append((data, offset, _field_offsets(path)))
     return seeds
 
@@ -110,7 +110,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 @given(mutated())
 def test_mutated_files_parse_or_raise_gguf_error(data: bytes) -> None:
     try:
-        header = read_header_from(BytesSource(data))
+        header = read_header_from(BytesReader(data))
     except GGUFError:
         return
     size = len(data)

@@ -27,7 +27,7 @@ from qmgr.gguf import (
     GGML_TYPES,
     LLAMA_FILE_TYPES,
     ArraySummary,
-    BytesSource,
+    BytesReader,
     GGUFHeader,
     facts_from_header,
     inspect,
@@ -199,7 +199,7 @@ def test_per_layer_arrays_sliding_window_and_split_keys(tmp_path: Path) -> None:
 
 
 def _raw_header(kvs: list[bytes], tensor_infos: list[bytes], data_size: int) -> GGUFHeader:
-    return read_header_from(BytesSource(gguf_bytes(kvs, tensor_infos, data_size=data_size)))
+    return read_header_from(BytesReader(gguf_bytes(kvs, tensor_infos, data_size=data_size)))
 
 
 def test_quant_type_guessed_from_tensors_when_file_type_absent_or_unknown() -> None:
@@ -353,14 +353,14 @@ HEADER_ONLY = raw()[: 24 + len(b"".join(BASE_KVS + BASE_TENSORS))]
 def assert_gguf_error(data: bytes, match: str | None = None) -> GGUFError:
     t = time.perf_counter()
     with pytest.raises(GGUFError, match=match) as info:
-        read_header_from(BytesSource(data))
+        read_header_from(BytesReader(data))
     assert time.perf_counter() - t < 1.0
     assert info.value.code == "gguf_invalid"
     return info.value
 
 
 def test_raw_base_file_is_valid() -> None:
-    h = read_header_from(BytesSource(raw()))
+    h = read_header_from(BytesReader(raw()))
     assert h.metadata["tokenizer.ggml.tokens"] == ArraySummary("STRING", 100)
     assert h.metadata["llama.feed_forward_length"] == [8, 16]
     assert [(t.name, t.n_bytes) for t in h.tensors] == [("a", 128), ("b", 68)]
@@ -499,7 +499,7 @@ def test_too_many_strings_to_walk() -> None:
 
 
 class HugeSource:
-    """A ByteSource of ``size`` bytes: ``prefix`` then zeros, never materialised."""
+    """A ByteReader of ``size`` bytes: ``prefix`` then zeros, never materialised."""
 
     def __init__(self, prefix: bytes, size: int) -> None:
         self.prefix, self.size = prefix, size
@@ -544,7 +544,7 @@ def test_raw_file_truncated_anywhere() -> None:
 
 def test_tiny_model_truncated_anywhere_in_header_and_sampled_in_data(tmp_path: Path) -> None:
     data = make_tiny_gguf(tmp_path / "t.gguf", n_vocab=80, n_layers=1).read_bytes()
-    data_offset = read_header_from(BytesSource(data)).data_offset
+    data_offset = read_header_from(BytesReader(data)).data_offset
     t = time.perf_counter()
     for n in [*range(data_offset + 1), *range(data_offset + 1, len(data), 97), len(data) - 1]:
         assert_gguf_error(data[:n])

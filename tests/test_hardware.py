@@ -429,7 +429,7 @@ def test_a_raising_probe_is_an_error_and_the_others_still_count(plugins: PluginS
         ListProbe("not-a-list", None),
     ), name="test-probes")
     try:
-        result = snapshot(plugins, env={})
+        result = snapshot(plugins.probes(), env={})
     finally:
         plugins.unregister("test-probes")
     assert result.source == "probe"
@@ -446,10 +446,10 @@ def test_qmgr_hw_wins_over_config_and_probes(plugins: PluginSet) -> None:
     probe = ListProbe("good", [GPU])
     plugins.register(ProbesPlugin(probe), name="test-probes")
     try:
-        declared = snapshot(plugins, env={"QMGR_HW": "ram=16GiB,cuda=24GiB"},
+        declared = snapshot(plugins.probes(), env={"QMGR_HW": "ram=16GiB,cuda=24GiB"},
                             config={"hw": "ram=8GiB"})
-        configured = snapshot(plugins, env={"QMGR_HW": ""}, config={"hw": "ram=8GiB"})
-        probed = snapshot(plugins, env={}, config={"home": "/somewhere"})
+        configured = snapshot(plugins.probes(), env={"QMGR_HW": ""}, config={"hw": "ram=8GiB"})
+        probed = snapshot(plugins.probes(), env={}, config={"home": "/somewhere"})
     finally:
         plugins.unregister("test-probes")
     assert declared.source == "QMGR_HW"
@@ -464,11 +464,11 @@ def test_qmgr_hw_wins_over_config_and_probes(plugins: PluginSet) -> None:
 
 def test_a_malformed_declaration_is_a_user_error(plugins: PluginSet) -> None:
     with pytest.raises(QmgrError, match=r"QMGR_HW: cannot read 'cuda=24'"):
-        snapshot(plugins, env={"QMGR_HW": "cuda=24"})
+        snapshot(plugins.probes(), env={"QMGR_HW": "cuda=24"})
     with pytest.raises(QmgrError, match=r"config: cannot read 'ram=lots'"):
-        snapshot(plugins, env={}, config={"hw": "ram=lots"})
+        snapshot(plugins.probes(), env={}, config={"hw": "ram=lots"})
     with pytest.raises(QmgrError, match="hw must be a string"):
-        snapshot(plugins, env={}, config={"hw": {"ram": "16GiB"}})
+        snapshot(plugins.probes(), env={}, config={"hw": {"ram": "16GiB"}})
 
 
 def test_snapshot_of_this_machine_with_every_builtin_probe(plugins: PluginSet) -> None:
@@ -476,7 +476,7 @@ def test_snapshot_of_this_machine_with_every_builtin_probe(plugins: PluginSet) -
     for module in modules:
         plugins.register(module, name=module.__name__.rsplit(".", 1)[-1])
     try:
-        result = snapshot(plugins, env={})
+        result = snapshot(plugins.probes(), env={})
     finally:
         for module in modules:
             plugins.unregister(module.__name__.rsplit(".", 1)[-1])

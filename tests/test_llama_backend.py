@@ -31,7 +31,7 @@ from testmodel import cache_dir, gemma_f16
 
 from qmgr.builtin import llama_backend
 from qmgr.eval import metrics, read_text
-from qmgr.run.contract import GenParams, LoadOptions, Refusal, Scores
+from qmgr.plugin.backend import GenParams, LoadOptions, Refusal, Scores, log_softmax
 
 DATA = Path(__file__).parent / "data"
 EVAL_TEXT = DATA / "eval.txt" if (DATA / "eval.txt").exists() else DATA / "eval-small.txt"
@@ -58,7 +58,7 @@ def request_worker(module: str, lines: list[dict[str, Any]],
 
 def test_log_softmax_rows_are_log_probabilities() -> None:
     logits = np.array([[1.0, 2.0, 3.0], [1000.0, 1000.0, 0.0]], dtype=np.float32)
-    logp = metrics.log_softmax(logits)
+    logp = log_softmax(logits)
     assert logp.dtype == np.float32
     np.testing.assert_allclose(np.exp(logp.astype(np.float64)).sum(axis=1), 1.0, rtol=1e-6)
     z = math.log(math.e + math.e**2 + math.e**3)
@@ -67,7 +67,7 @@ def test_log_softmax_rows_are_log_probabilities() -> None:
 
 
 def test_kl_divergence_of_identical_distributions_is_zero() -> None:
-    logp = metrics.log_softmax(np.random.default_rng(0).normal(size=(40, 1000)))
+    logp = log_softmax(np.random.default_rng(0).normal(size=(40, 1000)))
     assert np.array_equal(metrics.kl_divergence(logp, logp.copy()), np.zeros(40))
 
 
@@ -89,7 +89,7 @@ def test_kl_divergence_where_a_probability_is_zero() -> None:
 
 
 def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
-    logp = metrics.log_softmax(np.zeros((5, 7), dtype=np.float32))
+    logp = log_softmax(np.zeros((5, 7), dtype=np.float32))
     targets = [0, 3, 6, 2, 1]
     nll = -float(logp[np.arange(5), targets].sum())
     assert metrics.perplexity(nll, 5) == pytest.approx(7, rel=1e-6)
@@ -254,7 +254,7 @@ def test_score_chunks_like_the_perplexity_tool(tiny: Path, llama_cpp: Any) -> No
             ref.reset()
             ref.eval(chunk)
             logits = ref.scores[n_ctx // 2:n_ctx - 1]
-            logp = metrics.log_softmax(logits)
+            logp = log_softmax(logits)
             logprobs += logp[np.arange(len(logp)), chunk[n_ctx // 2 + 1:]].tolist()
             top += logits.argmax(axis=1).tolist()
     finally:

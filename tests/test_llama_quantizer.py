@@ -34,7 +34,7 @@ from qmgr.builtin import imatrix as imx  # noqa: E402
 from qmgr.builtin import llama_log, llama_quantizer  # noqa: E402
 from qmgr.builtin.llama_quantizer import LlamaCppQuantizer  # noqa: E402
 from qmgr.gguf.reader import read_header  # noqa: E402
-from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions  # noqa: E402
+from qmgr.plugin.quantizer import QuantizeError, QuantizeJob, QuantizeOptions  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 CHUNK = 512

@@ -21,8 +21,8 @@ import qmgr
 from qmgr.builtin import numpy_quantizer
 from qmgr.builtin.numpy_quantizer import NumpyQuantizer, quantize_q4_0, quantize_q8_0
 from qmgr.gguf import inspect, read_header
+from qmgr.plugin.quantizer import QuantizeError, QuantizeJob, QuantizeOptions
 from qmgr.plugins import PluginSet
-from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions
 
 Q8_0 = GGMLQuantizationType.Q8_0
 Q4_0 = GGMLQuantizationType.Q4_0

@@ -22,7 +22,8 @@ import pytest
 from conftest import Env
 
 import qmgr
-from qmgr import hookimpl, hookspecs
+from qmgr import hookimpl
+from qmgr.plugin import hookspecs
 from qmgr.plugins import DEFAULT_PLUGINS, PluginSet
 
 DOCS = Path(__file__).parent.parent / "docs" / "plugins.md"
@@ -132,13 +133,18 @@ def test_builtins_are_listed_with_name_version_hooks_errors(daemon: Env) -> None
     plugins = daemon.json("plugins")
     assert [p["name"] for p in plugins] == sorted(BUILTINS)
     for p in plugins:
+        provides = p.pop("provides")
         assert p == {"name": p["name"], "version": qmgr.__version__, "builtin": True,
-                     "hooks": hookimpls_of(BUILTINS[p["name"]]), "errors": []}
+                     "distribution": "qmgr", "hooks": hookimpls_of(BUILTINS[p["name"]]),
+                     "errors": []}
+        # Each built-in registers one object of the kind its hook says.
+        kinds = {h.removeprefix("register_").removesuffix("s") for h in p["hooks"]}
+        assert len(provides) == 1 and provides[0].split(":")[0] in kinds, provides
     cpu = next(p for p in plugins if p["name"] == "cpu_probe")
     assert cpu["hooks"] == ["register_probes"]
     r = daemon.qmgr("plugins")
-    assert re.search(r"^cpu_probe\s+" + re.escape(qmgr.__version__) + r"\s+built-in\s+"
-                     r"register_probes$", r.stdout, re.M), r.stdout
+    assert re.search(r"^cpu_probe\s+qmgr\s+" + re.escape(qmgr.__version__) + r"\s+built-in\s+"
+                     r"probe:cpu$", r.stdout, re.M), r.stdout
     assert r.stderr == ""
 
 
@@ -154,9 +160,13 @@ def test_an_installed_plugin_loads_only_when_named(plugin_env: Env) -> None:
     env.start()
     plugins = by_name(env)
     assert set(plugins) == {*BUILTINS, "hello"}
+    # The distribution a user installed (as `llm plugins` shows it), and what it provides.
     assert plugins["hello"] == {"name": "hello", "version": "1.0", "builtin": False,
+                                "distribution": "qmgr-test-hello",
                                 "hooks": ["register_commands", "register_probes"],
-                                "errors": []}
+                                "provides": ["probe:hello"], "errors": []}
+    assert re.search(r"^hello\s+qmgr-test-hello\s+1\.0\s+installed\s+probe:hello$",
+                     env.qmgr("plugins").stdout, re.M)
     # The plugin's command, found by the client's lazy loading, works against the daemon.
     r = env.qmgr("hello", "world")
     assert r.stdout == f"hello world, from qmgrd {qmgr.__version__}\n"
@@ -263,8 +273,9 @@ def test_register_and_unregister_a_plugin_object(plugins: PluginSet) -> None:
         assert probe_names(plugins) == sorted([*before, "fake"])
         fake = next(p for p in plugins.registered("register_probes") if p.name == "fake")
         assert fake.devices()[0]["kind"] == "cuda"
-        assert {"name": "fake", "version": "9", "builtin": False,
-                "hooks": ["register_probes"], "errors": []} in plugins.describe()
+        assert {"name": "fake", "version": "9", "builtin": False, "distribution": "fake",
+                "hooks": ["register_probes"], "provides": ["probe:fake"],
+                "errors": []} in plugins.describe()
     finally:
         plugins.unregister("fake")
     assert probe_names(plugins) == before
@@ -297,7 +308,8 @@ def test_invalid_plugin_objects_are_refused_with_a_reason(plugins: PluginSet) ->
         # A hookimpl named otherwise is listed under its hook, and is called with the
         # arguments it takes.
         assert described["renamed"] == {"name": "renamed", "version": "test", "builtin": False,
-                                        "hooks": ["register_probes"], "errors": []}
+                                        "distribution": "renamed", "hooks": ["register_probes"],
+                                        "provides": [], "errors": []}
         assert probe_names(plugins) == before
     finally:
         plugins.unregister("misspelled")  # never registered: unregistering must not fail

@@ -20,12 +20,12 @@ from conftest import Env
 from ggufmake import make_tiny_gguf
 from test_plugins import install
 
-from qmgr.quantize.contract import QuantizeError
+from qmgr.plugin.quantizer import QuantizeError
 
 QUANTIZERS = """
     import os, shutil, time
     from qmgr import hookimpl
-    from qmgr.quantize.contract import QuantizeError
+    from qmgr.plugin.quantizer import QuantizeError
 
     class Copy:
         name = "copy"

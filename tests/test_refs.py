@@ -1,7 +1,7 @@
 """References as users type them, file names as registries list them, and redirect rules.
 
 ``qmgr.refs.parse`` is the gate every reference goes through before a part of it reaches a
-URL, a file name or a log line; the redirect rules of ``qmgr.fetch.http.request`` are tested
+URL, a file name or a log line; the redirect rules of ``qmgr.plugin.http.request`` are tested
 against real servers on 127.0.0.1.
 """
 
@@ -19,8 +19,9 @@ import pytest
 from badmirror import BadMirror
 
 from qmgr.errors import QmgrError
-from qmgr.fetch.http import FetchError, make_client, next_link, redact, request
-from qmgr.fetch.remote import RemoteFile, group_gguf_files, quant_from_name
+from qmgr.gguf.names import quant_from_name
+from qmgr.plugin.http import FetchError, make_client, next_link, redact, request
+from qmgr.plugin.source import RemoteFile, group_gguf_files
 from qmgr.refs import MAX_REF, BadReference, Reference, parse
 
 # -- accepted forms ---------------------------------------------------------------------------

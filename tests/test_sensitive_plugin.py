@@ -30,8 +30,8 @@ from ggufmake import make_tiny_gguf
 from test_numpy_quantizer import gemma_f16, generate, tensor_data, values  # noqa: F401
 
 from qmgr.gguf import inspect, read_header
+from qmgr.plugin.quantizer import QuantizeError, QuantizeJob, QuantizeOptions
 from qmgr.plugins import PluginSet
-from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions
 
 PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "qmgr-sensitive"
 Q4_0, Q8_0 = GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q8_0

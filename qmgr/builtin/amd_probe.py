@@ -17,10 +17,11 @@ cards. Indexes count AMD cards in card-number order, as ROCm numbers them by def
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from qmgr import hookimpl
-from qmgr.fit.hardware import Device
+from qmgr.plugin import Device, Probe
 
 AMD_VENDOR = 0x1002
 CARD_RE = re.compile(r"card(\d+)")
@@ -74,5 +75,5 @@ class AMDProbe:
 
 
 @hookimpl
-def register_probes(register):
+def register_probes(register: Callable[[Probe], None]) -> None:
     register(AMDProbe())

@@ -29,7 +29,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 
 from qmgr import hookimpl
-from qmgr.fit.hardware import Device
+from qmgr.plugin import Device, Probe
 
 SYSCTL = ("sysctl", "hw.memsize", "hw.ncpu", "machdep.cpu.brand_string", "hw.optional.arm64",
           "iogpu.wired_limit_mb")
@@ -113,5 +113,5 @@ class AppleProbe:
 
 
 @hookimpl
-def register_probes(register):
+def register_probes(register: Callable[[Probe], None]) -> None:
     register(AppleProbe())

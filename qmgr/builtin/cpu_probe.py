@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from qmgr import hookimpl
-from qmgr.fit.hardware import Device
+from qmgr.plugin import Device, Probe
 
 # x86 flags that matter to llama.cpp's kernels, in the order they are reported (/proc/cpuinfo
 # name -> reported name).
@@ -228,5 +228,5 @@ def _sysconf_memory() -> int | None:
 
 
 @hookimpl
-def register_probes(register):
+def register_probes(register: Callable[[Probe], None]) -> None:
     register(CPUProbe())

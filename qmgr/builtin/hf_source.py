@@ -16,26 +16,30 @@ fetched. Entries are checked one by one, so one odd entry never takes the others
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from qmgr import hookimpl
-from qmgr.errors import QmgrError
-from qmgr.fetch.http import get_json, next_link
-from qmgr.fetch.remote import (
+from qmgr.plugin import (
+    SHA256_RE,
+    FetchContext,
     Listing,
+    QmgrError,
+    Reference,
     RemoteFile,
     RemoteVariant,
     Skipped,
+    Source,
     file_kind,
+    get_json,
     group_gguf_files,
     model_name_from,
+    next_link,
     preferred_projector,
     quant_from_name,
+    registry_path_problem,
 )
-from qmgr.fetch.source import FetchContext
-from qmgr.refs import Reference, registry_path_problem
-from qmgr.store import SHA256_RE
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MAX_PAGES = 50
@@ -161,5 +165,5 @@ class HuggingFaceSource:
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: Callable[[Source], None]) -> None:
     register(HuggingFaceSource())

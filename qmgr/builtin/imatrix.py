@@ -46,9 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from qmgr.errors import GGUFError
-from qmgr.gguf.reader import read_header
-from qmgr.quantize.contract import QuantizeError
+from qmgr.plugin import GGUFError, QuantizeError, read_header
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"

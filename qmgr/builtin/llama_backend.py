@@ -5,7 +5,7 @@ by :meth:`LlamaCppBackend.load`, which runs in a runner or eval worker process. 
 looks for the package without importing it, and asks a short child process whether the build
 can offload to a GPU when the placement uses one.
 
-A :class:`LlamaCppSession` serves the contract (``qmgr.run.contract``):
+A :class:`LlamaCppSession` serves the contract (``qmgr.plugin.backend``):
 
 - ``generate`` streams ``Llama.create_completion``; greedy (temperature 0) gives exactly the
   text a direct ``create_completion(prompt, max_tokens=N, temperature=0)`` gives with the same
@@ -14,7 +14,7 @@ A :class:`LlamaCppSession` serves the contract (``qmgr.run.contract``):
   (``tokenizer.chat_template``, with llama-cpp-python's own ``Jinja2ChatFormatter``, as its
   ``create_chat_completion`` does for such a file), or llama.cpp's built-in template of the
   model's family when the file has none, and streams the completion of those tokens; a model
-  with neither is refused (:class:`~qmgr.run.contract.Refusal`, ``no_chat_template``) rather
+  with neither is refused (:class:`~qmgr.plugin.backend.Refusal`, ``no_chat_template``) rather
   than given a guessed format (llama-cpp-python's would be Llama 2's); ``chat_format`` says
   which of the two it is before any message;
 - ``score`` evaluates a text for ``qmgr eval`` like llama.cpp's perplexity tool (see there).
@@ -37,7 +37,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ import numpy as np
 
 from qmgr import hookimpl
 from qmgr.builtin.llama_log import cpu_count
-from qmgr.run.contract import GenParams, LoadOptions, Piece, Refusal, Scores
+from qmgr.plugin import Backend, GenParams, LoadOptions, Piece, Refusal, Scores
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class LlamaCppSession:
         """
         import llama_cpp
 
-        from qmgr.eval.metrics import log_softmax
+        from qmgr.plugin import log_softmax
 
         llm = self.llm
         if not 4 <= n_ctx <= llm.n_ctx():
@@ -354,5 +354,5 @@ class LlamaCppSession:
 
 
 @hookimpl
-def register_backends(register: Any) -> None:
+def register_backends(register: Callable[[Backend], None]) -> None:
     register(LlamaCppBackend())

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from qmgr.gguf.types import GGML_TYPES_BY_NAME
+from qmgr.plugin import GGML_TYPES_BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,7 @@ class _Predicted:
 
 
 def _facts(header: bytes, total: int) -> dict[str, Any] | None:
-    from qmgr.gguf.facts import facts_from_header
-    from qmgr.gguf.reader import read_header_from
+    from qmgr.plugin import facts_from_header, read_header_from
 
     try:
         return facts_from_header(read_header_from(_Predicted(header, total))).to_dict()

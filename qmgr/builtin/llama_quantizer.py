@@ -36,10 +36,17 @@ from typing import Any
 from qmgr import hookimpl
 from qmgr.builtin.llama_digest import OutputDigest
 from qmgr.builtin.llama_log import LlamaLog, cpu_count
-from qmgr.errors import GGUFError
-from qmgr.gguf.reader import GGUFHeader, read_header
-from qmgr.gguf.types import GGML_TYPES_BY_NAME, LLAMA_FILE_TYPES
-from qmgr.quantize.contract import QuantizeError, QuantizeJob
+from qmgr.plugin import (
+    GGML_TYPES_BY_NAME,
+    LLAMA_FILE_TYPES,
+    GGUFError,
+    GGUFHeader,
+    ImatrixJob,
+    QuantizeError,
+    QuantizeJob,
+    Quantizer,
+    read_header,
+)
 
 # The llama.cpp file types it makes, in llama-quantize's order (best first).
 TARGET_NAMES = (
@@ -92,6 +99,8 @@ class LlamaCppQuantizer:
         "imatrix", "leave_output", "pure", "allow_requantize", "tensor_types",
         "token_embedding_type", "output_tensor_type", "threads",
     })
+    # Its output is hashed as llama.cpp writes it (llama_digest): the daemon trusts that digest.
+    reports_digest = True
 
     @property
     def version(self) -> str:
@@ -105,6 +114,14 @@ class LlamaCppQuantizer:
 
     def targets(self) -> list[str]:
         return list(TARGET_NAMES)
+
+    def compute_imatrix(self, job: ImatrixJob) -> dict[str, Any]:
+        """An importance matrix, collected through llama.cpp's eval callback (imatrix.py)."""
+        from qmgr.builtin.imatrix import compute_imatrix
+
+        return compute_imatrix(job.src, job.text, job.dst, n_ctx=job.n_ctx,
+                               n_threads=job.threads, dataset=job.dataset,
+                               progress=job.progress, cancel=job.cancel)
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         target = job.target.upper()
@@ -314,5 +331,5 @@ def _kv_overrides(llama_cpp: Any, present: list[tuple[str, str | int]],
 
 
 @hookimpl
-def register_quantizers(register: Callable[[Any], None]) -> None:
+def register_quantizers(register: Callable[[Quantizer], None]) -> None:
     register(LlamaCppQuantizer())

@@ -1,5 +1,5 @@
 """Built-in quantizer: Q8_0 and Q4_0 in plain numpy, the readable example of the quantizer
-contract (:mod:`qmgr.quantize.contract`).
+contract (:mod:`qmgr.plugin.quantizer`).
 
 Both formats are ggml's simplest: each row of a weight matrix is cut into blocks of 32 values,
 and a block stores one float16 scale ``d`` and 32 small integers ``q``; a value reads back as
@@ -36,27 +36,28 @@ target. The source is F32, F16 or BF16; a source that is already quantized is de
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from gguf import (
     GGML_QUANT_SIZES,
-    GGML_QUANT_VERSION,
     GGMLQuantizationType,
-    GGUFEndian,
-    GGUFReader,
-    GGUFValueType,
-    GGUFWriter,
-    Keys,
     ReaderTensor,
 )
-from gguf.quants import dequantize
 
 import qmgr
 from qmgr import hookimpl
-from qmgr.quantize.contract import QuantizeError, QuantizeJob
+from qmgr.plugin import (
+    QuantizeError,
+    QuantizeJob,
+    Quantizer,
+    float_rows,
+    is_weight,
+    new_writer,
+    read_source,
+    write_header,
+)
 
 QK = 32  # values per block, in both formats
 
@@ -68,9 +69,6 @@ TARGETS: dict[str, tuple[GGMLQuantizationType, int]] = {
 
 FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16,
                          GGMLQuantizationType.BF16})
-
-# Values converted to float32 at a time: bounds the memory a large tensor costs (16 MiB).
-CHUNK_VALUES = 1 << 22
 
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
@@ -137,8 +135,7 @@ class NumpyQuantizer:
         # supported_options.
         qtype, file_type = TARGETS[job.target]
         job.progress(None, f"reading {job.src.name}")  # a big vocabulary takes seconds
-        reader = GGUFReader(job.src)
-        _check_source(reader, job.src)
+        reader = read_source(job.src, "the numpy quantizer")
         plan = [(t, self._quantizes(t, job)) for t in reader.tensors]
         requantized = sorted({t.tensor_type.name for t, quantize in plan
                               if quantize and t.tensor_type not in FLOAT_TYPES})
@@ -148,21 +145,9 @@ class NumpyQuantizer:
                 "it again adds the errors of both: allow_requantize to go on anyway",
                 code="requantize")
 
-        writer = GGUFWriter(job.dst, reader.fields[Keys.General.ARCHITECTURE].contents())
+        writer = new_writer(reader, job.dst, file_type)
         try:
-            _copy_metadata(reader, writer, file_type)
-            for t, quantize in plan:
-                if quantize:
-                    shape = tuple(int(n) for n in reversed(t.shape))
-                    block_size, type_size = GGML_QUANT_SIZES[qtype]
-                    writer.add_tensor_info(t.name, shape, np.dtype(np.float32),
-                                           t.n_elements // block_size * type_size, qtype)
-                else:
-                    writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
-                                           t.tensor_type)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            write_header(writer, reader, {t.name: qtype for t, quantize in plan if quantize})
 
             total = sum(t.n_bytes for t in reader.tensors) or 1
             done = 0
@@ -184,42 +169,7 @@ class NumpyQuantizer:
     def _quantizes(t: ReaderTensor, job: QuantizeJob) -> bool:
         if job.options.leave_output and t.name == "output.weight":
             return False
-        return t.name.endswith(".weight") and len(t.shape) >= 2 and int(t.shape[0]) % QK == 0
-
-
-def _check_source(reader: GGUFReader, src: Path) -> None:
-    if reader.endianess != GGUFEndian.LITTLE:
-        raise QuantizeError(f"{src.name} is a big-endian GGUF file", code="unsupported_source")
-    if Keys.General.ARCHITECTURE not in reader.fields:
-        raise QuantizeError(f"{src.name} has no general.architecture", code="unsupported_source")
-    split = reader.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
-    if split is not None and split.contents() > 1:
-        raise QuantizeError(f"{src.name} is one shard of a split model; the numpy quantizer "
-                            "reads single files", code="unsupported_source")
-
-
-def _copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: int) -> None:
-    """Every key of the source but the reader's own (``GGUF.*``) and those the writer sets."""
-    own = {Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in own:
-            continue
-        if field.name == Keys.General.ALIGNMENT:
-            writer.add_custom_alignment(field.contents())
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-
-
-def _float_rows(t: ReaderTensor) -> Iterator[np.ndarray]:
-    """The tensor's rows as float32, a bounded chunk at a time."""
-    rows = t.data.reshape(-1, t.data.shape[-1])
-    step = max(1, CHUNK_VALUES // int(t.shape[0]))
-    for start in range(0, len(rows), step):
-        yield dequantize(rows[start : start + step], t.tensor_type)
+        return is_weight(t, QK)
 
 
 def _quantize_tensor(t: ReaderTensor, qtype: GGMLQuantizationType) -> np.ndarray:
@@ -227,12 +177,12 @@ def _quantize_tensor(t: ReaderTensor, qtype: GGMLQuantizationType) -> np.ndarray
     row_length = int(t.shape[0])
     out = np.empty((t.n_elements // row_length, row_length // block_size * type_size), np.uint8)
     done = 0
-    for rows in _float_rows(t):
+    for rows in float_rows(t):
         out[done : done + len(rows)] = QUANTIZE_ROWS[qtype](rows)
         done += len(rows)
     return out
 
 
 @hookimpl
-def register_quantizers(register):
+def register_quantizers(register: Callable[[Quantizer], None]) -> None:
     register(NumpyQuantizer())

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from qmgr import hookimpl
-from qmgr.fit.hardware import Device
+from qmgr.plugin import Device, Probe
 
 log = logging.getLogger(__name__)
 
@@ -124,5 +125,5 @@ def _memory(nvml: Any, handle: Any) -> tuple[int, int]:
 
 
 @hookimpl
-def register_probes(register):
+def register_probes(register: Callable[[Probe], None]) -> None:
     register(NvidiaProbe())

@@ -11,13 +11,20 @@ registry on the local network.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from qmgr import hookimpl
-from qmgr.errors import QmgrError
-from qmgr.fetch.http import get_json
-from qmgr.fetch.remote import RemoteFile, RemoteVariant, model_name_from
-from qmgr.fetch.source import FetchContext
-from qmgr.refs import Reference
-from qmgr.store import SHA256_RE
+from qmgr.plugin import (
+    SHA256_RE,
+    FetchContext,
+    QmgrError,
+    Reference,
+    RemoteFile,
+    RemoteVariant,
+    Source,
+    get_json,
+    model_name_from,
+)
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 PROJECTOR_LAYER = "application/vnd.ollama.image.projector"
@@ -83,5 +90,5 @@ class OllamaSource:
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: Callable[[Source], None]) -> None:
     register(OllamaSource())

@@ -6,19 +6,24 @@ is computed while they arrive; with one, a mismatch deletes them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from qmgr import hookimpl
-from qmgr.errors import QmgrError
-from qmgr.fetch.http import FetchError, redact, request
-from qmgr.fetch.remote import (
+from qmgr.plugin import (
+    FetchContext,
+    FetchError,
+    QmgrError,
+    Reference,
     RemoteFile,
     RemoteVariant,
+    Source,
+    check_digest,
     model_name_from,
     quant_from_name,
+    redact,
+    request,
     strip_quant_suffix,
 )
-from qmgr.fetch.source import FetchContext
-from qmgr.refs import Reference
-from qmgr.store import check_digest
 
 
 class URLSource:
@@ -53,5 +58,5 @@ class URLSource:
 
 
 @hookimpl
-def register_sources(register):
+def register_sources(register: Callable[[Source], None]) -> None:
     register(URLSource())

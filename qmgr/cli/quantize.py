@@ -93,15 +93,21 @@ def quantize(ctx: click.Context, ref: str, targets: str, quantizer: str | None,
               help="Calibration text (plain UTF-8).")
 @click.option("--ctx", "n_ctx", type=int, default=512, show_default=True,
               help="Tokens per chunk.")
+@click.option("--quantizer", default=None,
+              help="The quantizer plugin that computes it (default: the first that can; "
+                   "`qmgr quantizers` says which can).")
 @click.option("--detach", is_flag=True, help="Start the job and return.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @json_option
 @click.pass_context
-def imatrix(ctx: click.Context, ref: str, text: str, n_ctx: int, detach: bool, quiet: bool,
-            as_json: bool) -> None:
-    """Compute an importance matrix for REF from calibration text (needs qmgr[llama])."""
-    result = _run_job(ctx, "/v1/imatrix", {"ref": ref, "text": absolute(text), "n_ctx": n_ctx},
-                      detach, quiet, as_json, f"imatrix {ref}")
+def imatrix(ctx: click.Context, ref: str, text: str, n_ctx: int, quantizer: str | None,
+            detach: bool, quiet: bool, as_json: bool) -> None:
+    """Compute an importance matrix for REF from calibration text (the built-in llama.cpp
+    quantizer does: needs qmgr[llama])."""
+    body = {"ref": ref, "text": absolute(text), "n_ctx": n_ctx}
+    if quantizer:
+        body["quantizer"] = quantizer
+    result = _run_job(ctx, "/v1/imatrix", body, detach, quiet, as_json, f"imatrix {ref}")
     if result is None or as_json:
         return
     m = result["imatrix"]
@@ -119,5 +125,6 @@ def quantizers(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         emit_json(out)
         return
-    click.echo(table([[q["name"], q["version"], ", ".join(q["targets"])] for q in out],
-                     ["NAME", "VERSION", "TARGETS"]))
+    click.echo(table([[q["name"], q["version"], "yes" if q.get("imatrix") else "-",
+                       ", ".join(q["targets"])] for q in out],
+                     ["NAME", "VERSION", "IMATRIX", "TARGETS"]))

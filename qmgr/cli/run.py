@@ -23,13 +23,17 @@ def gen_options(f: Any) -> Any:
     f = click.option("--temperature", type=float, default=0.0, show_default=True,
                      help="0 is greedy: the same answer every time.")(f)
     f = click.option("--max-tokens", type=int, default=512, show_default=True)(f)
+    f = click.option("--backend", default=None,
+                     help="The runtime backend plugin (default: the first that can run it).")(f)
     return f
 
 
 def _body(ref: str, ctx_len: int | None, kv_type: str | None, max_tokens: int,
-          temperature: float, seed: int) -> dict[str, Any]:
+          temperature: float, seed: int, backend: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"ref": ref, "params": {"max_tokens": max_tokens,
                                                    "temperature": temperature, "seed": seed}}
+    if backend:
+        body["backend"] = backend
     if ctx_len:
         body["ctx"] = ctx_len
     if kv_type:
@@ -65,12 +69,12 @@ def stream(ctx: click.Context, body: dict[str, Any], as_json: bool, verbose: boo
 @click.option("--json", "as_json", is_flag=True, help="Print the stream's JSON lines.")
 @click.pass_context
 def run(ctx: click.Context, ref: str, prompt: str | None, ctx_len: int | None,
-        kv_type: str | None, max_tokens: int, temperature: float, seed: int, verbose: bool,
-        as_json: bool) -> None:
+        kv_type: str | None, max_tokens: int, temperature: float, seed: int,
+        backend: str | None, verbose: bool, as_json: bool) -> None:
     """Answer PROMPT (or standard input) with REF, streaming the text."""
     if prompt is None:
         prompt = sys.stdin.read()
-    body = _body(ref, ctx_len, kv_type, max_tokens, temperature, seed)
+    body = _body(ref, ctx_len, kv_type, max_tokens, temperature, seed, backend)
     body["prompt"] = prompt
     stream(ctx, body, as_json, verbose)
     if not as_json:
@@ -208,8 +212,8 @@ def reply(ctx: click.Context, body: dict[str, Any], show: bool) -> tuple[str, di
               help="Print the conversation as JSON lines, one per message, not the text.")
 @click.pass_context
 def chat(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
-         max_tokens: int, temperature: float, seed: int, system_prompt: str | None,
-         as_json: bool) -> None:
+         max_tokens: int, temperature: float, seed: int, backend: str | None,
+         system_prompt: str | None, as_json: bool) -> None:
     """Chat with REF, in the chat format its GGUF file gives, or llama.cpp's built-in one for
     the model's family; a model with neither is refused (use `qmgr run` with a raw prompt).
 
@@ -221,7 +225,7 @@ def chat(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
     the end of the input ends the chat.
     """
     def send(messages: list[dict[str, str]], show: bool) -> tuple[str, dict[str, Any], bool]:
-        body = _body(ref, ctx_len, kv_type, max_tokens, temperature, seed)
+        body = _body(ref, ctx_len, kv_type, max_tokens, temperature, seed, backend)
         body["messages"] = messages
         return reply(ctx, body, show)
 

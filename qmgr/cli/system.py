@@ -32,14 +32,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
-    """List the daemon's plugins: name, version, hooks, errors."""
+    """List the daemon's plugins: name, the package that installed it and its version, what
+    it provides, errors (--json adds the hooks each implements)."""
     out = client(ctx).get("/v1/plugins")
     if as_json:
         emit_json(out)
         return
-    rows = [[p["name"], p["version"], "built-in" if p["builtin"] else "installed",
-             ", ".join(p["hooks"]) or "-"] for p in out]
-    click.echo(table(rows, ["NAME", "VERSION", "KIND", "HOOKS"]))
+    rows = [[p["name"], p["distribution"], p["version"],
+             "built-in" if p["builtin"] else "installed", ", ".join(p["provides"]) or "-"]
+            for p in out]
+    click.echo(table(rows, ["NAME", "PACKAGE", "VERSION", "KIND", "PROVIDES"]))
     for p in out:
         for e in p["errors"]:
             click.echo(f"Error: plugin {p['name']}: {e}", err=True)

@@ -424,7 +424,7 @@ QUANTIZE_BODY = {
 @endpoint("POST", "/v1/quantize", "Start a quantize job: REF to each target type",
           body=QUANTIZE_BODY)
 def start_quantize(d: Daemon, request: Request) -> dict[str, Any]:
-    from qmgr.quantize.contract import QuantizeOptions
+    from qmgr.plugin.quantizer import QuantizeOptions
 
     body = _json_body(request)
     targets = body["targets"]
@@ -444,20 +444,23 @@ def start_quantize(d: Daemon, request: Request) -> dict[str, Any]:
 @endpoint("GET", "/v1/quantizers", "Installed quantizers: name, version, target types")
 def list_quantizers(d: Daemon, request: Request) -> list[dict[str, Any]]:
     out = []
-    for q in d.plugins.registered("register_quantizers"):
+    for q in d.plugins.quantizers():
         try:
             targets = list(q.targets())
         except Exception as e:  # a plugin's bug shows, the list still answers
             targets = [f"error: {type(e).__name__}: {e}"]
         out.append({"name": q.name, "version": str(getattr(q, "version", "?")),
                     "targets": targets,
-                    "options": sorted(getattr(q, "supported_options", []))})
+                    "options": sorted(getattr(q, "supported_options", [])),
+                    "imatrix": callable(getattr(q, "compute_imatrix", None)),
+                    "reports_digest": getattr(q, "reports_digest", False) is True})
     return out
 
 
 IMATRIX_BODY = {"type": "object", "required": ["ref", "text"],
                 "properties": {"ref": {"type": "string"}, "text": {"type": "string"},
-                               "n_ctx": {"type": "integer"}}}
+                               "n_ctx": {"type": "integer"},
+                               "quantizer": {"type": "string"}}}
 
 
 @endpoint("POST", "/v1/imatrix", "Start computing an importance matrix from calibration text",
@@ -471,7 +474,8 @@ def start_imatrix(d: Daemon, request: Request) -> dict[str, Any]:
                         code="bad_request")
     d.quantizing.source(body["ref"])
     return d.jobs.submit("imatrix", {"ref": body["ref"], "text": text,
-                                     "n_ctx": body.get("n_ctx")})
+                                     "n_ctx": body.get("n_ctx"),
+                                     "quantizer": body.get("quantizer")})
 
 
 @endpoint("GET", "/v1/jobs", "Recent jobs, newest first")
@@ -714,7 +718,8 @@ GENERATE_BODY = {
     "properties": {"ref": {"type": "string"}, "prompt": {"type": "string"},
                    "messages": {"type": "array", "items": {"type": "object"}},
                    "ctx": {"type": "integer"}, "kv_type": {"type": "string"},
-                   "hw": {"type": "string"}, "params": {"type": "object"}},
+                   "hw": {"type": "string"}, "params": {"type": "object"},
+                   "backend": {"type": "string"}},
 }
 
 
@@ -733,7 +738,8 @@ async def generate(d: Daemon, request: Request) -> Response:
     if ("prompt" in body) == ("messages" in body):
         raise QmgrError("give either 'prompt' or 'messages'", code="bad_request")
     runner = await run_in_threadpool(d.running.runner, body["ref"], body.get("ctx"),
-                                      body.get("kv_type") or "f16", body.get("hw"))
+                                      body.get("kv_type") or "f16", body.get("hw"),
+                                      body.get("backend"))
     req = ({"op": "generate", "prompt": body["prompt"]} if "prompt" in body
            else {"op": "chat", "messages": body["messages"]})
     req["params"] = body.get("params") or {}

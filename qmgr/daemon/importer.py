@@ -19,7 +19,7 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Origin
 from qmgr.catalog.record import ShardFile, combined_facts, record_variant
 from qmgr.errors import GGUFError, QmgrError
-from qmgr.fetch.remote import SHARD_RE, strip_quant_suffix
+from qmgr.gguf.names import SHARD_RE, strip_quant_suffix
 from qmgr.store import Store, hash_file, identity
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,8 @@ class Daemon:
         self.jobs.register("imatrix", self.quantizing.run_imatrix)
         keep_alive = float(os.environ.get("QMGR_KEEP_ALIVE", 300))
         self.models = ModelManager(keep_alive)
-        self.running = Running(self.catalog, self.fitter.hardware, self.models)
+        self.running = Running(self.catalog, self.fitter.hardware, self.plugins.backends,
+                               self.models)
         self.measuring = Measuring(self.catalog, self.running, self.fitter.hardware)
         self.jobs.register("eval", self.measuring.run_eval)
         self.jobs.register("bench", self.measuring.run_bench)

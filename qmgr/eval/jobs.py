@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Eval, Model, Variant, VariantState
 from qmgr.errors import QmgrError
 from qmgr.eval import read_text
+from qmgr.fit.hardware import Snapshot
 from qmgr.run.crash import crash_error
-from qmgr.run.service import check_ctx
+from qmgr.run.service import Running, check_ctx
 from qmgr.work.jobs import JobHandle, run_worker
 
 log = logging.getLogger(__name__)
@@ -44,11 +46,11 @@ def precision_rank(v: Variant) -> float:
 
 
 class Measuring:
-    def __init__(self, catalog: Catalog, running: Any, hardware: Any,
+    def __init__(self, catalog: Catalog, running: Running, hardware: Callable[[], Snapshot],
                  env: dict[str, str] | None = None):
         self.catalog = catalog
         self.running = running
-        self.hardware = hardware  # () -> Snapshot
+        self.hardware = hardware
         self.env = dict(os.environ) if env is None else env
 
     def variants(self, ref: str, tags: list[str] | None) -> list[tuple[str, str]]:
@@ -87,7 +89,7 @@ class Measuring:
                 session.add(Eval(variant_id=variant.id, base_variant_id=base_id,
                                  metric=r["metric"], dataset_digest=r.get("digest"),
                                  tokens=r.get("tokens"), value=float(r["value"]),
-                                 backend=r.get("backend", "llama.cpp"), hardware=hw))
+                                 backend=r["backend"], hardware=hw))
 
     # -- bench --------------------------------------------------------------------------------
 
@@ -119,10 +121,12 @@ class Measuring:
             pp = statistics.median((r["prompt_tokens"] - r.get("prompt_cached", 0)) /
                                    r["prompt_s"] for r in runs)
             tg = statistics.median(r["tokens_per_s"] for r in runs)
-            results.append({"ref": ref, "prompt_tokens": runs[0]["prompt_tokens"],
+            results.append({"ref": ref, "backend": runner.backend,
+                            "prompt_tokens": runs[0]["prompt_tokens"],
                             "tokens": runs[0]["tokens"], "pp_tps": pp, "tg_tps": tg})
         self.store([{"ref": r["ref"], "metric": m, "value": r[m], "digest": digest,
-                     "tokens": r["tokens"]} for r in results for m in ("pp_tps", "tg_tps")])
+                     "tokens": r["tokens"], "backend": r["backend"]}
+                    for r in results for m in ("pp_tps", "tg_tps")])
         handle.update(phase="done", fraction=1.0)
         return {"bench": results, "runs": BENCH_RUNS}
 
@@ -136,8 +140,10 @@ class Measuring:
                    if t[0] != base_ref]
         text_path = Path(args.get("text") or BUILTIN_TEXT)
         n_ctx = int(args.get("ctx") or 512)
-        check_ctx(base_ref, self.running.variant(base_ref)[2], n_ctx)
-        request = {"backend": "llama.cpp", "text": str(text_path), "n_ctx": n_ctx,
+        base_facts = self.running.variant(base_ref)[2]
+        check_ctx(base_ref, base_facts, n_ctx)
+        request = {"backend": self.running.backend_for(base_facts), "text": str(text_path),
+                   "n_ctx": n_ctx,
                    "base": {"ref": base_ref, "path": base_path},
                    "variants": [{"ref": r, "path": p} for r, p in targets],
                    "max_tokens": args.get("max_tokens")}
@@ -147,9 +153,10 @@ class Measuring:
             for metric in ("ppl", "delta_ppl", "kld", "top_agreement"):
                 rows.append({"ref": v["ref"], "base": base_ref, "metric": metric,
                              "value": v[metric], "digest": result["text_sha256"],
-                             "tokens": result["tokens"]})
+                             "tokens": result["tokens"], "backend": request["backend"]})
         rows.append({"ref": base_ref, "metric": "ppl", "value": result["base"]["ppl"],
-                     "digest": result["text_sha256"], "tokens": result["tokens"]})
+                     "digest": result["text_sha256"], "tokens": result["tokens"],
+                     "backend": request["backend"]})
         self.store(rows)
         handle.update(phase="done", fraction=1.0)
         return {"eval": result, "base": base_ref, "text": str(text_path),

@@ -20,14 +20,6 @@ import numpy as np
 KL_ROWS = 16
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Rows of logits -> float32 log-probabilities (the normaliser summed in float64)."""
-    x = np.asarray(logits, dtype=np.float32)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    log_z = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
-    return (shifted - log_z).astype(np.float32)
-
-
 def kl_divergence(logp: np.ndarray, logq: np.ndarray) -> np.ndarray:
     """Per row ``KL(p || q)`` in nats (float64), from log-probability rows of equal shape.
     Where ``p`` is 0 the term is 0, whatever ``q``."""
@@ -55,7 +47,7 @@ def perplexity(nll_sum: float, count: int) -> float:
 
 class Comparison:
     """What one variant's scores add up to against the base's, piece by piece: feed it the
-    two models' :class:`~qmgr.run.contract.Scores` of the same positions."""
+    two models' :class:`~qmgr.plugin.backend.Scores` of the same positions."""
 
     def __init__(self) -> None:
         self.count = 0

@@ -53,30 +53,26 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from qmgr.errors import QmgrError
 from qmgr.eval import read_text
 from qmgr.eval.metrics import Comparison, perplexity
-from qmgr.run.contract import LoadOptions
+from qmgr.plugin.backend import Backend, LoadOptions
 from qmgr.workerio import progress, serve
 
 
-class EvalError(Exception):
+class EvalError(QmgrError):
     """An expected failure: a message a person can act on, with a stable code."""
 
-    def __init__(self, message: str, code: str = "eval_failed"):
-        super().__init__(message)
-        self.message = message
-        self.code = code
+    code = "eval_failed"
+    http_status = 422
 
 
-def find_backend(name: str) -> Any:
-    from qmgr.plugins import PluginNotFound, PluginSet
+def find_backend(name: str) -> Backend:
+    from qmgr.plugins import PluginSet
 
-    try:
-        return PluginSet().find("register_backends", name, "backend")
-    except PluginNotFound as e:
-        raise EvalError(e.message, code=e.code) from None
+    return cast(Backend, PluginSet().find("register_backends", name, "backend"))
 
 
 def load(backend: Any, ref: str, path: str, options: LoadOptions) -> Any:
@@ -176,7 +172,7 @@ def evaluate(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
-    return serve(evaluate, EvalError, "eval_failed")
+    return serve(evaluate, QmgrError, "eval_failed")
 
 
 if __name__ == "__main__":

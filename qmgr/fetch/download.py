@@ -39,8 +39,8 @@ import httpx
 
 from qmgr.errors import QmgrError
 from qmgr.fetch import wire
-from qmgr.fetch.http import FetchError, redact, request, ssl_context
-from qmgr.fetch.remote import RemoteFile
+from qmgr.plugin.http import FetchError, redact, request, ssl_context
+from qmgr.plugin.source import RemoteFile
 from qmgr.store import Store, check_digest, fsync_dir, start_writeback
 
 log = logging.getLogger(__name__)

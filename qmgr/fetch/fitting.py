@@ -19,14 +19,13 @@ from qmgr import gguf
 from qmgr.catalog.models import Eval, Model, Variant
 from qmgr.errors import QmgrError
 from qmgr.fetch import aliases
-from qmgr.fetch.http import make_client
-from qmgr.fetch.remote import RemoteVariant
-from qmgr.fetch.remote_header import RangeSource
-from qmgr.fetch.source import FetchContext
+from qmgr.fetch.remote_header import RangeReader
 from qmgr.fit import hardware
 from qmgr.fit.estimate import ModelShape
 from qmgr.fit.ladder import REFERENCE_TYPES
 from qmgr.fit.policy import Ancestor, Candidate, Decision, decide
+from qmgr.plugin.http import make_client
+from qmgr.plugin.source import FetchContext, RemoteVariant
 from qmgr.refs import parse
 
 DEFAULT_CTX = 4096
@@ -80,7 +79,7 @@ class Fitter:
         if declared:
             env["QMGR_HW"] = declared
         config = {"hw": self.settings.hw} if getattr(self.settings, "hw", None) else None
-        return hardware.snapshot(self.puller.plugins, env, config)
+        return hardware.snapshot(self.puller.plugins.probes(), env, config)
 
     def evidence(self, model_name: str) -> dict[int, tuple[float | None, str | None]]:
         """Per variant id of a model: its latest ΔPPL measured against an unquantized base
@@ -121,7 +120,7 @@ class Fitter:
             for v in offered:
                 headers = []
                 for f in v.files:
-                    src = RangeSource(client, f, insecure)
+                    src = RangeReader(client, f, insecure)
                     headers.append(gguf.read_header_from(src))
                     header_bytes += src.bytes_read
                 facts = gguf.facts_from_header(headers[0])

@@ -29,9 +29,8 @@ from qmgr.catalog.record import AttachedFile, ShardFile, combined_facts, record_
 from qmgr.errors import GGUFError, QmgrError
 from qmgr.fetch import aliases
 from qmgr.fetch.download import Cancelled, Download, Options
-from qmgr.fetch.http import Busy, make_client
-from qmgr.fetch.remote import Listing, RemoteFile, RemoteVariant
-from qmgr.fetch.source import FetchContext, Source, listing_of
+from qmgr.plugin.http import Busy, make_client
+from qmgr.plugin.source import FetchContext, Listing, RemoteFile, RemoteVariant, Source, listing_of
 from qmgr.plugins import PluginSet
 from qmgr.refs import Reference, parse
 from qmgr.store import Store
@@ -74,16 +73,32 @@ class Puller:
 
     def resolve(self, raw: str) -> tuple[Reference, Reference]:
         """(what the user typed, what it stands for)."""
-        ref = parse(raw)
+        ref = self.parse(raw)
         with self.catalog.reading() as session:
             return ref, aliases.expand(session, ref)
 
+    def parse(self, raw: str) -> Reference:
+        """A reference, parsed by the source that owns its scheme when that source says how
+        (its ``parse``), else by qmgr's rules."""
+        ref = parse(raw)
+        if ref.kind in ("alias", "hf", "ollama", "url"):
+            return ref
+        own = getattr(self.source_for(ref), "parse", None)
+        if callable(own):
+            ref = own(raw)
+            if not isinstance(ref, Reference):
+                raise QmgrError(f"the source for {raw!r} parsed it into "
+                                f"{type(ref).__name__}, not a Reference", code="bad_source")
+        return ref
+
     def source_for(self, ref: Reference) -> Source:
-        for source in self.plugins.registered("register_sources"):
+        sources = self.plugins.sources()
+        for source in sources:
             if ref.kind in getattr(source, "kinds", ()):
                 return source
-        raise QmgrError(f"no source plugin handles {ref.kind} references (see `qmgr plugins`)",
-                        code="no_source")
+        kinds = sorted({k for s in sources for k in getattr(s, "kinds", ())})
+        raise QmgrError(f"no source plugin handles {ref.kind} references (installed: "
+                        f"{', '.join(kinds) or 'none'}; see `qmgr plugins`)", code="no_source")
 
     def with_env(self, env: dict[str, str] | None) -> Puller:
         """This puller for one request: the client's settings (its ``QMGR_HF_ENDPOINT``,

@@ -2,7 +2,7 @@
 
 qmgr's header reader asks for growing chunks (64 KiB, doubling to 4 MiB) only as far as the
 header goes, so a small model costs one request of 64 KiB and a 262k-token vocabulary about
-8 MiB. :attr:`RangeSource.bytes_read` says how much it took.
+8 MiB. :attr:`RangeReader.bytes_read` says how much it took.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import httpx
 
 from qmgr import gguf
 from qmgr.errors import QmgrError
-from qmgr.fetch.http import DOCUMENT_DEADLINE_S, FetchError, redact, request
-from qmgr.fetch.remote import RemoteFile
+from qmgr.plugin.http import DOCUMENT_DEADLINE_S, FetchError, redact, request
+from qmgr.plugin.source import RemoteFile
 
 
-class RangeSource:
-    """A :class:`qmgr.gguf.source.ByteSource` over HTTP Range requests."""
+class RangeReader:
+    """A :class:`qmgr.gguf.byteio.ByteReader` over HTTP Range requests."""
 
     def __init__(self, client: httpx.Client, remote: RemoteFile, insecure: bool = False):
         if remote.size is None:
@@ -66,6 +66,6 @@ class RangeSource:
 def remote_facts(client: httpx.Client, remote: RemoteFile,
                  insecure: bool = False) -> tuple[gguf.ModelFacts, int]:
     """The header facts of a remote file, and the bytes it took to read them."""
-    source = RangeSource(client, remote, insecure)
+    source = RangeReader(client, remote, insecure)
     facts = gguf.facts_from_header(gguf.read_header_from(source))
     return facts, source.bytes_read

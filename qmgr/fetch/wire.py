@@ -6,7 +6,7 @@ GiB on loopback, against 0.3 s for ``recv_into``). So the download path sends it
 with the standard library's ``http.client`` and reads the body with ``readinto``, into buffers
 it then writes with O_DIRECT and hashes without another copy.
 
-Redirects follow the same rules as :func:`qmgr.fetch.http.request`. Where a proxy is
+Redirects follow the same rules as :func:`qmgr.plugin.http.request`. Where a proxy is
 configured for the URL (``HTTPS_PROXY`` and friends) the body comes through httpx instead,
 which knows how to use one.
 """
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from qmgr.fetch.http import (
+from qmgr.plugin.http import (
     MAX_REDIRECTS,
     REDIRECTS,
     USER_AGENT,

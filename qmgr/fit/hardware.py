@@ -27,9 +27,9 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from qmgr.errors import QmgrError
 
@@ -102,6 +102,18 @@ class Device:
             if value is not None and (type(value) is not int or value < 0):
                 raise ValueError(f"{self.kind} {self.name!r}: {field} must be a byte count, "
                                  f"not {value!r}")
+
+
+class Probe(Protocol):
+    """What a hardware probe plugin implements (registered with ``register_probes``)."""
+
+    #: Short name shown in errors and by ``qmgr hw``.
+    name: str
+
+    def devices(self) -> list[Device]:
+        """The devices this probe finds now (none: an empty list; a ``dict`` with a Device's
+        keys is accepted too). May raise: the error is recorded and the probe skipped."""
+        ...
 
 
 @dataclasses.dataclass
@@ -212,12 +224,13 @@ def _as_device(found: Any) -> Device:
     raise ValueError(f"devices() returned {type(found).__name__}, not a Device")
 
 
-def snapshot(plugins: Any, env: Mapping[str, str] | None = None,
+def snapshot(probes: Iterable[Probe], env: Mapping[str, str] | None = None,
              config: Mapping[str, Any] | None = None) -> Snapshot:
     """This machine's devices: declared (``QMGR_HW``, else config ``hw``), else probed.
 
-    ``plugins`` is a :class:`qmgr.plugins.PluginSet`. A malformed declaration raises QmgrError
-    (the user wrote it, the user must fix it); a failing probe is recorded and skipped.
+    ``probes``: the registered probes (``PluginSet.probes()``). A malformed declaration raises
+    QmgrError (the user wrote it, the user must fix it); a failing probe is recorded and
+    skipped.
     """
     env = os.environ if env is None else env
     declared = env.get("QMGR_HW", "").strip()
@@ -231,7 +244,7 @@ def snapshot(plugins: Any, env: Mapping[str, str] | None = None,
         return Snapshot(parse_hw(hw, "config"), [], "config")
     devices: list[Device] = []
     errors: list[ProbeError] = []
-    for probe in plugins.registered("register_probes"):
+    for probe in probes:
         name = str(getattr(probe, "name", type(probe).__name__))
         try:
             found = [_as_device(d) for d in probe.devices()]

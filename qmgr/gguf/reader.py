@@ -17,7 +17,7 @@ from operator import length_hint
 from typing import Any
 
 from qmgr.errors import GGUFError
-from qmgr.gguf.source import ByteSource, FileSource
+from qmgr.gguf.byteio import ByteReader, FileReader
 from qmgr.gguf.types import GGML_TYPES, VALUE_TYPE_NAMES, VT_ARRAY, VT_STRING
 
 GGUF_MAGIC = b"GGUF"
@@ -102,9 +102,9 @@ class GGUFHeader:
 
 
 class _Cursor:
-    """Sequential reads over a ByteSource through a growing read-ahead buffer."""
+    """Sequential reads over a ByteReader through a growing read-ahead buffer."""
 
-    def __init__(self, source: ByteSource) -> None:
+    def __init__(self, source: ByteReader) -> None:
         self.source = source
         self.size = source.size
         self.buf = b""
@@ -392,7 +392,7 @@ def _check_layout(tensors: list[TensorInfo], alignment: int, data_offset: int, s
             prev = t
 
 
-def read_header_from(source: ByteSource) -> GGUFHeader:
+def read_header_from(source: ByteReader) -> GGUFHeader:
     """Parse and validate the header of the GGUF file behind ``source``."""
     cur = _Cursor(source)
     version, tensor_count, kv_count = _read_preamble(cur)
@@ -416,5 +416,5 @@ def read_header_from(source: ByteSource) -> GGUFHeader:
 
 def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse and validate the header of a local GGUF file (raises OSError if unreadable)."""
-    with FileSource(path) as source:
+    with FileReader(path) as source:
         return read_header_from(source)

@@ -24,7 +24,7 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Imatrix, Model, Origin, Variant, VariantState
 from qmgr.catalog.record import ShardFile, combined_facts, record_variant
 from qmgr.errors import GGUFError, QmgrError
-from qmgr.quantize.contract import QuantizeOptions
+from qmgr.plugin.quantizer import QuantizeOptions
 from qmgr.store import Store, fsync_dir, hash_file
 from qmgr.work.jobs import JobHandle, run_worker
 
@@ -200,7 +200,9 @@ class Quantizing:
         try:
             result = self.run_worker(handle, {"kind": "imatrix", "src": str(src.path),
                                               "dst": str(partial), "text": str(text),
-                                              "n_ctx": args.get("n_ctx")}, "computing imatrix")
+                                              "n_ctx": args.get("n_ctx"),
+                                              "quantizer": args.get("quantizer")},
+                                     "computing imatrix")
             _fsync(partial)
             gguf.inspect(partial)  # what we publish must at least be a readable GGUF
             sha, size = hash_file(partial)

@@ -14,11 +14,22 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from qmgr.quantize.contract import QuantizeError, QuantizeJob, QuantizeOptions
+from qmgr.errors import QmgrError
+from qmgr.plugin.quantizer import (
+    ImatrixJob,
+    ImatrixMaker,
+    QuantizeError,
+    QuantizeJob,
+    QuantizeOptions,
+    Quantizer,
+)
 from qmgr.store import start_writeback
 from qmgr.workerio import progress, serve
+
+if TYPE_CHECKING:
+    from qmgr.plugins import PluginSet
 
 
 def flush_while_writing(path: Path, done: threading.Event, every: float = 0.25) -> None:
@@ -41,7 +52,7 @@ def flush_while_writing(path: Path, done: threading.Event, every: float = 0.25) 
 # The quantizer plugins, found while the worker waits for its request (prepare), with the
 # state of the import path they were found on: looking up entry points scans every installed
 # distribution (8-14 ms here), needed again only when a package was installed or removed since.
-_plugins: list[tuple[tuple[tuple[str, int], ...], Any]] = []
+_plugins: list[tuple[tuple[tuple[str, int], ...], PluginSet]] = []
 
 
 def _path_state() -> tuple[tuple[str, int], ...]:
@@ -54,7 +65,7 @@ def _path_state() -> tuple[tuple[str, int], ...]:
     return tuple(state)
 
 
-def quantizer_plugins() -> Any:
+def quantizer_plugins() -> PluginSet:
     from qmgr.plugins import PluginSet
 
     state = _path_state()
@@ -63,13 +74,8 @@ def quantizer_plugins() -> Any:
     return _plugins[0][1]
 
 
-def find_quantizer(name: str) -> Any:
-    from qmgr.plugins import PluginNotFound
-
-    try:
-        return quantizer_plugins().find("register_quantizers", name, "quantizer")
-    except PluginNotFound as e:
-        raise QuantizeError(e.message, code=e.code) from None
+def find_quantizer(name: str) -> Quantizer:
+    return cast(Quantizer, quantizer_plugins().find("register_quantizers", name, "quantizer"))
 
 
 def quantize(request: dict[str, Any]) -> dict[str, Any]:
@@ -93,23 +99,42 @@ def quantize(request: dict[str, Any]) -> dict[str, Any]:
     finally:
         written.set()  # the flusher stops after its current write-back; no need to wait
     result = {"quantizer": quantizer.name, "version": str(quantizer.version), "details": details}
-    # The built-in llama.cpp quantizer hashes its output as it is written (llama_digest): the
-    # daemon then need not read it all again. Other quantizers' outputs are hashed there.
+    # A quantizer that declares ``reports_digest`` hashed its output as it wrote it (the
+    # built-in llama.cpp one: llama_digest): the daemon then need not read it all again.
+    # Any other quantizer's output is hashed by the daemon, whatever its result says.
     sha, size = details.pop("output_sha256", None), details.pop("output_size", None)
     facts = details.pop("output_facts", None)
-    if sha and size and type(quantizer).__module__ == "qmgr.builtin.llama_quantizer":
+    if sha and size and getattr(quantizer, "reports_digest", False) is True:
         result.update(sha256=sha, size=size, facts=facts)
     return result
 
 
-def imatrix(request: dict[str, Any]) -> dict[str, Any]:
-    from qmgr.builtin.imatrix import compute_imatrix
+def find_imatrix_maker(name: str | None) -> ImatrixMaker:
+    """The quantizer that computes importance matrices: the one named, else the first
+    registered one that can."""
+    if name:
+        found = find_quantizer(name)
+        if not callable(getattr(found, "compute_imatrix", None)):
+            raise QuantizeError(f"quantizer {name} does not compute importance matrices",
+                                code="imatrix_unsupported")
+        return cast(ImatrixMaker, found)
+    makers = [q for q in quantizer_plugins().quantizers()
+              if callable(getattr(q, "compute_imatrix", None))]
+    if not makers:
+        raise QuantizeError("no installed quantizer computes importance matrices (the "
+                            "llama.cpp one does: pip install 'qmgr[llama]')",
+                            code="imatrix_unsupported")
+    return cast(ImatrixMaker, makers[0])
 
-    text = Path(request["text"]).read_text(encoding="utf-8", errors="replace")
-    return compute_imatrix(Path(request["src"]), text, Path(request["dst"]),
-                           n_ctx=int(request.get("n_ctx") or 512),
-                           dataset=Path(request["text"]).name,
-                           n_threads=request.get("threads"), progress=progress)
+
+def imatrix(request: dict[str, Any]) -> dict[str, Any]:
+    maker = find_imatrix_maker(request.get("quantizer"))
+    text = Path(request["text"])
+    job = ImatrixJob(Path(request["src"]), Path(request["dst"]),
+                     text.read_text(encoding="utf-8", errors="replace"), text.name,
+                     n_ctx=int(request.get("n_ctx") or 512), threads=request.get("threads"),
+                     progress=progress)
+    return {"imatrix_maker": maker.name, **maker.compute_imatrix(job)}
 
 
 def prepare() -> None:
@@ -117,7 +142,7 @@ def prepare() -> None:
     time (see ``qmgr.work.jobs.WarmWorkers``), and it waits here, ready. The quantizer
     plugins are looked up here too, and again when the request comes if a package was
     installed or removed meanwhile, so a newly installed one is seen."""
-    quantizer_plugins().registered("register_quantizers")
+    quantizer_plugins().quantizers()
     with contextlib.suppress(ImportError, OSError):  # the llama.cpp quantizer says why
         import llama_cpp  # noqa: F401 (the slow part: ~0.2-0.5 s)
 
@@ -133,7 +158,7 @@ def main() -> int:
     # default) with llama.cpp stalled. Measured with that code made to hold the GIL for 1 s
     # (Gemma 3 270M to Q4_K_M, medians of 3): 6.06 s at 5 ms, 5.38 s at 0.5 ms.
     sys.setswitchinterval(0.0005)
-    return serve(work, QuantizeError, "quantize_failed", prepare)
+    return serve(work, QmgrError, "quantize_failed", prepare)
 
 
 if __name__ == "__main__":

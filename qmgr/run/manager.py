@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from qmgr.errors import QmgrError
-from qmgr.run.contract import LoadOptions
+from qmgr.plugin.backend import LoadOptions
 from qmgr.run.crash import crash_error
 
 log = logging.getLogger(__name__)

@@ -24,16 +24,16 @@ import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from qmgr.run.contract import GenParams, LoadOptions, Refusal
+from qmgr.plugin.backend import Backend, GenParams, LoadOptions, Refusal, Session
 from qmgr.workerio import emit
 
 
-def find_backend(name: str) -> Any:
+def find_backend(name: str) -> Backend:
     from qmgr.plugins import PluginSet
 
-    return PluginSet().find("register_backends", name, "backend")
+    return cast(Backend, PluginSet().find("register_backends", name, "backend"))
 
 
 def rss() -> int:
@@ -76,7 +76,7 @@ class Requests:
             yield item
 
 
-def answer(session: Any, req: dict[str, Any], cancelled: Callable[[], bool]) -> None:
+def answer(session: Session, req: dict[str, Any], cancelled: Callable[[], bool]) -> None:
     op = req.get("op")
     params = GenParams.from_dict(req.get("params") or {})
     if op == "generate":
@@ -105,7 +105,7 @@ def answer(session: Any, req: dict[str, Any], cancelled: Callable[[], bool]) -> 
             emit({"done": {**(piece.stats or {}), "rss": rss()}})
 
 
-def serve(session: Any, lines: Iterable[str]) -> None:
+def serve(session: Session, lines: Iterable[str]) -> None:
     requests = Requests(lines)
     for number, line in requests:
         try:

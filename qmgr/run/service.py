@@ -11,8 +11,8 @@ from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import VariantState
 from qmgr.errors import QmgrError
 from qmgr.fit.estimate import ModelShape, place
-from qmgr.fit.hardware import Snapshot
-from qmgr.run.contract import LoadOptions
+from qmgr.fit.hardware import Device, Snapshot
+from qmgr.plugin.backend import Backend, LoadOptions
 from qmgr.run.manager import ModelManager, Runner
 
 DEFAULT_CTX = 4096
@@ -31,14 +31,49 @@ def check_ctx(name: str, facts: dict[str, Any], ctx: int) -> None:
                         f"use --ctx {trained} or less", code="ctx_too_large")
 
 
+def choose_backend(backends: list[Backend], facts: dict[str, Any], devices: list[Device],
+                   wanted: str | None = None) -> str:
+    """The backend that runs a model: the one asked for, else the first registered one whose
+    ``can_run`` has no objection (plugin order: built-ins, then entry points; a plugin that
+    must come first says ``tryfirst``). Refused with every backend's reason when none can."""
+    if not backends:
+        raise QmgrError("no runtime backend is installed (the built-in llama.cpp one needs "
+                        "pip install 'qmgr[llama]')", code="no_backend")
+    if wanted is not None and wanted not in {b.name for b in backends}:
+        raise QmgrError(f"no backend named {wanted!r} (installed: "
+                        f"{', '.join(b.name for b in backends)})", code="no_backend",
+                        http_status=404)
+    why = {}
+    for backend in backends:
+        if wanted is not None and backend.name != wanted:
+            continue
+        try:
+            objection = backend.can_run(facts, devices)
+        # A plugin's check is third-party code: its crash is a reason, not the daemon's.
+        except Exception as e:
+            objection = f"can_run raised {type(e).__name__}: {e}"
+        if objection is None:
+            return backend.name
+        why[backend.name] = objection
+    raise QmgrError("no installed backend can run this model: " + "; ".join(
+        f"{name}: {reason}" for name, reason in why.items()), code="no_backend",
+        http_status=409)
+
+
 class Running:
-    """``hardware(declared)``: the devices to place models on (what ``qmgr hw`` shows)."""
+    """``hardware(declared)``: the devices to place models on (what ``qmgr hw`` shows);
+    ``backends()``: the registered runtime backends."""
 
     def __init__(self, catalog: Catalog, hardware: Callable[[str | None], Snapshot],
-                 manager: ModelManager):
+                 backends: Callable[[], list[Backend]], manager: ModelManager):
         self.catalog = catalog
         self.hardware = hardware
+        self.backends = backends
         self.manager = manager
+
+    def backend_for(self, facts: dict[str, Any], wanted: str | None = None,
+                    hw: str | None = None) -> str:
+        return choose_backend(self.backends(), facts, self.hardware(hw).devices, wanted)
 
     def variant(self, ref: str) -> tuple[str, list[str], dict[str, Any]]:
         with self.catalog.reading() as session:
@@ -64,5 +99,5 @@ class Running:
                             "or a smaller quant", code="does_not_fit", http_status=507)
         options = LoadOptions(n_ctx=n_ctx, n_gpu_layers=placement.gpu_layers, kv_type=kv_type,
                               flash_attn=kv_type != "f16")
-        return self.manager.runner(name, paths[0], options, placement.to_dict(),
-                                   backend or "llama.cpp")
+        chosen = choose_backend(self.backends(), facts, devices, backend)
+        return self.manager.runner(name, paths[0], options, placement.to_dict(), chosen)

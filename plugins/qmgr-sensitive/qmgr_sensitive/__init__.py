@@ -9,32 +9,30 @@ and keeps the most damaged fraction of the tensors (by count) at Q8_0; the rest 
 The target names the fraction: ``MIX_Q4_0_Q8_0`` keeps a quarter, ``MIX_Q4_0_Q8_0_K10`` and
 ``MIX_Q4_0_Q8_0_K50`` keep 10% and 50%.
 
-Written as any third-party plugin is: it uses qmgr's public surface only (``qmgr.hookimpl`` and
-``qmgr.quantize.contract``), and the ``gguf`` package for the block formats and the file.
+Written as any third-party plugin is: it uses qmgr's public surface only (``qmgr.plugin``: the
+quantizer contract and the helpers for rewriting a GGUF file), and the ``gguf`` package for the
+block formats.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from gguf import (
-    GGML_QUANT_SIZES,
-    GGML_QUANT_VERSION,
-    GGMLQuantizationType,
-    GGUFEndian,
-    GGUFReader,
-    GGUFValueType,
-    GGUFWriter,
-    Keys,
-    ReaderTensor,
-)
+from gguf import GGMLQuantizationType, ReaderTensor
 from gguf.quants import dequantize, quantize
 
-from qmgr import hookimpl
-from qmgr.quantize.contract import QuantizeError, QuantizeJob
+from qmgr.plugin import (
+    QuantizeError,
+    QuantizeJob,
+    float_rows,
+    hookimpl,
+    is_weight,
+    new_writer,
+    read_source,
+    write_header,
+)
 
 __version__ = "0.1.0"
 
@@ -47,8 +45,6 @@ TARGETS = {"MIX_Q4_0_Q8_0": 0.25, "MIX_Q4_0_Q8_0_K10": 0.10, "MIX_Q4_0_Q8_0_K50"
 
 FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16,
                          GGMLQuantizationType.BF16})
-BLOCK = 32  # both Q4_0 and Q8_0 quantize rows in blocks of 32
-CHUNK_VALUES = 1 << 22  # values converted to float32 at a time
 
 
 class SensitiveQuantizer:
@@ -61,13 +57,7 @@ class SensitiveQuantizer:
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         job.progress(None, f"reading {job.src.name}")
-        reader = GGUFReader(job.src)
-        if reader.endianess != GGUFEndian.LITTLE:
-            raise QuantizeError(f"{job.src.name} is a big-endian GGUF file")
-        split = reader.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
-        if split is not None and split.contents() > 1:
-            raise QuantizeError(f"{job.src.name} is one shard of a split model; "
-                                "qmgr-sensitive reads single files")
+        reader = read_source(job.src, "qmgr-sensitive")
         weights = [t for t in reader.tensors if is_weight(t)]
         quantized = sorted({t.tensor_type.name for t in weights
                             if t.tensor_type not in FLOAT_TYPES})
@@ -89,22 +79,9 @@ class SensitiveQuantizer:
         dominant = max(params, key=params.__getitem__)
 
         # Pass 2: write the file.
-        writer = GGUFWriter(job.dst, reader.fields[Keys.General.ARCHITECTURE].contents())
+        writer = new_writer(reader, job.dst, LLAMA_FTYPES[dominant])
         try:
-            copy_metadata(reader, writer, LLAMA_FTYPES[dominant])
-            for t in reader.tensors:
-                if t.name in types:
-                    block_size, type_size = GGML_QUANT_SIZES[types[t.name]]
-                    writer.add_tensor_info(t.name, tuple(int(n) for n in reversed(t.shape)),
-                                           np.dtype(np.float32),
-                                           t.n_elements // block_size * type_size,
-                                           types[t.name])
-                else:
-                    writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes,
-                                           t.tensor_type)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
+            write_header(writer, reader, types)
             for i, t in enumerate(reader.tensors):
                 check_cancel(job)
                 job.progress(0.5 + 0.5 * i / len(reader.tensors), f"writing {t.name}")
@@ -130,19 +107,6 @@ class SensitiveQuantizer:
         }
 
 
-def is_weight(t: ReaderTensor) -> bool:
-    """Weight matrices whose rows split into whole blocks; the rest is copied as it is."""
-    return t.name.endswith(".weight") and len(t.shape) >= 2 and int(t.shape[0]) % BLOCK == 0
-
-
-def float_rows(t: ReaderTensor) -> Iterator[np.ndarray]:
-    """The tensor's rows as float32, a bounded chunk at a time."""
-    rows = t.data.reshape(-1, t.data.shape[-1])
-    step = max(1, CHUNK_VALUES // int(t.shape[0]))
-    for start in range(0, len(rows), step):
-        yield dequantize(rows[start : start + step], t.tensor_type)
-
-
 def relative_error(t: ReaderTensor) -> float:
     """||Q4_0 round trip - x|| / ||x||; 0 for a tensor of zeros."""
     error = norm = 0.0
@@ -150,21 +114,6 @@ def relative_error(t: ReaderTensor) -> float:
         error += float(np.square(dequantize(quantize(x, LOW), LOW) - x, dtype=np.float64).sum())
         norm += float(np.square(x, dtype=np.float64).sum())
     return math.sqrt(error / norm) if norm else 0.0
-
-
-def copy_metadata(reader: GGUFReader, writer: GGUFWriter, file_type: int) -> None:
-    own = {Keys.General.ARCHITECTURE, Keys.General.FILE_TYPE, Keys.General.QUANTIZATION_VERSION}
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in own:
-            continue
-        if field.name == Keys.General.ALIGNMENT:
-            writer.add_custom_alignment(field.contents())
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
 def check_cancel(job: QuantizeJob) -> None:

@@ -19,6 +19,16 @@ is a kill. It writes ``job.dst`` (a partial file in qmgr's store); the daemon th
 reads its header with qmgr's bounded reader, publishes it, and catalogs it with its parent
 and the recipe (quantizer, version, options, imatrix digest). A quantizer must not write
 anywhere else.
+
+Two capabilities a quantizer may declare:
+
+- ``reports_digest = True``: its ``quantize`` result holds ``output_sha256``, ``output_size``
+  (and may hold ``output_facts``) of the file it wrote, computed while writing it; the daemon
+  uses them instead of reading the file again (the built-in llama.cpp quantizer does this,
+  ``qmgr.builtin.llama_digest``). A quantizer that does not declare it has its output hashed by
+  the daemon, whatever its result says.
+- ``compute_imatrix(job: ImatrixJob) -> dict``: it computes importance matrices
+  (``qmgr imatrix``); the result says what is worth recording (``tokens``, ``chunks``...).
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from qmgr.errors import QmgrError
 
 
 @dataclasses.dataclass
@@ -82,20 +94,56 @@ class QuantizeJob:
     src_facts: dict[str, Any] | None = None
 
 
+@dataclasses.dataclass
+class ImatrixJob:
+    src: Path  # the model's file (the first shard of a split model)
+    dst: Path  # where to write the matrix (GGUF, as llama.cpp's imatrix tool writes)
+    text: str  # the calibration text
+    dataset: str  # the text's name, recorded in the matrix (``imatrix.datasets``)
+    n_ctx: int = 512  # tokens per chunk
+    threads: int | None = None
+    progress: Callable[[float | None, str], None] = lambda fraction, message: None
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
 class Quantizer(Protocol):
-    name: str
-    version: str
-    supported_options: frozenset[str]
+    """A quantizer. Registered with the ``register_quantizers`` hook."""
 
-    def targets(self) -> list[str]: ...
+    @property
+    def name(self) -> str:
+        """Unique: what ``qmgr quantize --quantizer`` names."""
+        ...
 
-    def quantize(self, job: QuantizeJob) -> dict[str, Any]: ...
+    @property
+    def version(self) -> str:
+        """Recorded in every variant it makes."""
+        ...
+
+    @property
+    def supported_options(self) -> frozenset[str]:
+        """The :class:`QuantizeOptions` it understands (others are refused, not ignored)."""
+        ...
+
+    def targets(self) -> list[str]:
+        """The quant types it makes: llama.cpp file-type names, or names of its own."""
+        ...
+
+    def quantize(self, job: QuantizeJob) -> dict[str, Any]:
+        """Write ``job.dst``; return what is worth recording in the recipe."""
+        ...
 
 
-class QuantizeError(Exception):
-    """A quantizer's refusal with a message for the user (a ``QmgrError`` in the daemon)."""
+class ImatrixMaker(Protocol):
+    """A quantizer that also computes importance matrices."""
 
-    def __init__(self, message: str, code: str = "quantize_failed"):
-        super().__init__(message)
-        self.message = message
-        self.code = code
+    @property
+    def name(self) -> str: ...
+
+    def compute_imatrix(self, job: ImatrixJob) -> dict[str, Any]: ...
+
+
+class QuantizeError(QmgrError):
+    """A quantizer's refusal with a message for the user (its code reaches the user)."""
+
+    code = "quantize_failed"
+    http_status = 422

@@ -37,6 +37,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from qmgr.errors import QmgrError
+from qmgr.fit.hardware import Device
+
 
 @dataclasses.dataclass
 class LoadOptions:
@@ -85,15 +88,24 @@ class Scores:
     distributions: Any = None
 
 
-class Refusal(Exception):
+def log_softmax(logits: Any) -> Any:
+    """Rows of logits -> float32 log-probabilities (the normaliser summed in float64): what
+    ``Scores.distributions`` holds."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float32)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
+    return (shifted - log_z).astype(np.float32)
+
+
+class Refusal(QmgrError):
     """What a backend will not do with this model, and why: a stable ``code`` and a message a
     person can act on (any other exception reaches the user as ``backend_failed``, its type
     first)."""
 
     def __init__(self, message: str, code: str):
-        super().__init__(message)
-        self.message = message
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class Session(Protocol):
@@ -121,9 +133,20 @@ class Session(Protocol):
 
 
 class Backend(Protocol):
-    name: str
-    version: str
+    """A runtime backend. Registered with the ``register_backends`` hook."""
 
-    def can_run(self, facts: dict[str, Any], devices: list[Any]) -> str | None: ...
+    @property
+    def name(self) -> str:
+        """Unique: what ``qmgr run --backend`` names, recorded with each measurement."""
+        ...
+
+    @property
+    def version(self) -> str: ...
+
+    def can_run(self, facts: dict[str, Any], devices: list[Device]) -> str | None:
+        """None if it can run a model with these facts (``ModelFacts.to_dict()``: arch,
+        file type, tensor types...) on these devices; else why not, for the user. Cheap: no
+        model is loaded. qmgr runs a model with the first backend that has no objection."""
+        ...
 
     def load(self, path: Path, options: LoadOptions) -> Session: ...

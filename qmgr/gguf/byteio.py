@@ -13,7 +13,7 @@ from typing import Protocol
 from qmgr.errors import GGUFError
 
 
-class ByteSource(Protocol):
+class ByteReader(Protocol):
     """Random access to the bytes of one file of known size."""
 
     @property
@@ -26,7 +26,7 @@ class ByteSource(Protocol):
         ...
 
 
-class FileSource:
+class FileReader:
     """A local file, read with positioned reads (no shared file position, no read-ahead)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -54,14 +54,14 @@ class FileSource:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> FileSource:
+    def __enter__(self) -> FileReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class BytesSource:
+class BytesReader:
     """An in-memory file, for tests and for headers already fetched."""
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
