@@ -75,7 +75,7 @@ def _raise_for(response: Response) -> None:
         data = None
     err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
     raise QmgrError(err.get("message") or f"HTTP {response.status}",
-                    code=err.get("code", "error"), http_status=response.status)
+                    code=err.get("code", "error"))
 
 
 class Client:

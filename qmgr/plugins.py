@@ -36,6 +36,7 @@ import pluggy
 import qmgr
 from qmgr.errors import QmgrError
 from qmgr.plugin import hookspecs
+from qmgr.settings import knob
 
 if TYPE_CHECKING:
     from qmgr.fit.hardware import Probe
@@ -70,8 +71,13 @@ REGISTER_HOOKS = {"register_sources": "source", "register_quantizers": "quantize
                   "register_probes": "probe", "register_backends": "backend"}
 
 
+# The error code of a name no plugin registered, per hook.
+MISSING_CODES = {"register_sources": "no_source", "register_quantizers": "no_quantizer",
+                 "register_probes": "no_probe", "register_backends": "no_backend"}
+
+
 class PluginNotFound(QmgrError):
-    http_status = 404
+    """No plugin registered an object of that name."""
 
 
 @dataclasses.dataclass
@@ -91,12 +97,6 @@ class PluginInfo:
         return dataclasses.asdict(self)
 
 
-def _split(value: str | None) -> set[str] | None:
-    if value is None:
-        return None
-    return {part.strip() for part in value.split(",") if part.strip()}
-
-
 class PluginSet:
     """Loaded plugins and what they registered."""
 
@@ -111,8 +111,9 @@ class PluginSet:
         self.registries: dict[str, list[Any]] = {}
         # Request handlers run in a thread pool: collect each hook once, not once per thread.
         self.lock = threading.RLock()
-        self.allowed = _split(env.get("QMGR_PLUGINS"))
-        self.disabled = _split(env.get("QMGR_DISABLE_PLUGINS")) or set()
+        allowed = knob("QMGR_PLUGINS", env)
+        self.allowed = None if allowed is None else set(allowed)
+        self.disabled = set(knob("QMGR_DISABLE_PLUGINS", env))
         # load_builtins may be a filter on module names: a worker that needs only quantizers
         # does not pay for importing the sources' HTTP stack.
         wanted = load_builtins if callable(load_builtins) else (lambda m: bool(load_builtins))
@@ -213,16 +214,17 @@ class PluginSet:
                 self.registries[hook_name] = self.collect(hook_name)
             return self.registries[hook_name]
 
-    def find(self, hook_name: str, name: str, what: str) -> Any:
-        """The object a plugin registered through ``hook_name`` under ``name`` (``what``: a
-        quantizer, a backend... for the error, which lists what is installed)."""
+    def find(self, hook_name: str, name: str, _what: str | None = None) -> Any:
+        """The object a plugin registered through ``hook_name`` under ``name``; else an error
+        that lists what is installed."""
         found = self.registered(hook_name)
         for obj in found:
             if getattr(obj, "name", None) == name:
                 return obj
         names = ", ".join(sorted(str(getattr(o, "name", "?")) for o in found)) or "none"
+        what = REGISTER_HOOKS[hook_name]
         raise PluginNotFound(f"no {what} named {name!r} (installed: {names})",
-                             code=f"no_{what}")
+                             code=MISSING_CODES[hook_name])
 
     def collect(self, hook_name: str) -> list[Any]:
         """Call ``hook_name(register)`` through pluggy and gather what every plugin registers.

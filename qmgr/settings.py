@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,96 @@ SYSTEM_HOME = Path("/var/lib/qmgr")
 SYSTEM_CONFIG = Path("/etc/qmgr/config.toml")
 
 TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One ``QMGR_*`` environment variable: what it holds and means (docs/operations.md
+    lists every one; a test keeps the two in step)."""
+
+    name: str
+    kind: str  # "str", "int", "float", "bool", "list" (comma-separated), "path"
+    default: Any
+    meaning: str
+
+
+# Every QMGR_* variable qmgr reads, and the only place that reads one (a test checks that no
+# other module does): the settings of `Settings` (with config-file keys) and the knobs below.
+KNOBS = {k.name: k for k in (
+    Knob("QMGR_SYSTEM", "bool", False, "act as the system service (defaults above)"),
+    Knob("QMGR_CONFIG", "path", None, "the configuration file to read instead of the default"),
+    Knob("QMGR_HOME", "path", None, "the data directory (config `home`)"),
+    Knob("QMGR_SOCKET", "path", None, "the daemon's Unix socket (config `socket`)"),
+    Knob("QMGR_DATABASE_URL", "str", None, "the catalog's SQLAlchemy URL (config "
+         "`database_url`)"),
+    Knob("QMGR_NO_AUTOSTART", "bool", False, "the client fails instead of starting a daemon"),
+    Knob("QMGR_WATCH_SETTLE", "float", None, "seconds a watched file must keep its size "
+         "(config `watch_settle`)"),
+    Knob("QMGR_LOG_LEVEL", "str", None, "the daemon's log level (config `log_level`)"),
+    Knob("QMGR_HW", "str", None, "the devices to plan for, declared instead of probed "
+         "(config `hw`)"),
+    Knob("QMGR_PLUGINS", "list", None, "entry-point plugins to load; set but empty loads "
+         "none"),
+    Knob("QMGR_DISABLE_PLUGINS", "list", [], "plugins never to load, built-ins included"),
+    Knob("QMGR_HF_ENDPOINT", "str", None, "the Hugging Face API to pull from (else "
+         "HF_ENDPOINT, else huggingface.co)"),
+    Knob("QMGR_CA_BUNDLE", "path", None, "a PEM file of certificate authorities to trust for "
+         "downloads"),
+    Knob("QMGR_DOWNLOAD_PARTS", "int", None, "parallel ranges per large download (default: 4 "
+         "over https, 1 over plain http)"),
+    Knob("QMGR_PART_THRESHOLD", "int", 256 << 20, "bytes above which a download is split "
+         "into parts"),
+    Knob("QMGR_RETRIES", "int", 5, "attempts per download part before it fails"),
+    Knob("QMGR_RETRY_BACKOFF", "float", 1.0, "seconds before the first retry, doubling "
+         "after"),
+    Knob("QMGR_STALL_TIMEOUT", "float", 30.0, "seconds without a byte (or below "
+         "QMGR_MIN_SPEED) before a download attempt is retried"),
+    Knob("QMGR_MIN_SPEED", "float", 1024.0, "bytes per second a download attempt must "
+         "average over each stall window"),
+    Knob("QMGR_BUSY_WAIT", "float", 600.0, "seconds a pull waits for a registry that answers "
+         "503 with Retry-After (a mirror still hashing)"),
+    Knob("QMGR_DIRECT_IO", "bool", True, "downloads are written with O_DIRECT where the "
+         "filesystem allows it"),
+    Knob("QMGR_KEEP_ALIVE", "float", 300.0, "seconds a loaded model stays in memory after its "
+         "last request"),
+    Knob("QMGR_WARM_WORKERS", "bool", True, "an idle worker process is kept ready for the "
+         "next quantize/eval job"),
+    Knob("QMGR_HASH_WHILE_WRITING", "bool", True, "the llama.cpp quantizer's worker hashes "
+         "its output while it is written (else the daemon hashes it after)"),
+)}
+
+
+def knob(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """The value of ``QMGR_*`` variable ``name`` in ``env`` (the process's environment by
+    default), parsed as its :data:`KNOBS` entry says; unset or empty is the default (but an
+    empty list is empty). A value that does not parse is a ``bad_config`` error naming it."""
+    k = KNOBS[name]  # a knob not declared above is a bug, not a user's error
+    raw = (os.environ if env is None else env).get(name)
+    if raw is None or (raw.strip() == "" and k.kind != "list"):
+        return k.default
+    raw = raw.strip()
+    try:
+        if k.kind == "int":
+            return int(raw)
+        if k.kind == "float":
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError("not a finite number")
+            return value
+        if k.kind == "bool":
+            if raw.lower() in TRUE:
+                return True
+            if raw.lower() in FALSE:
+                return False
+            raise ValueError("not 1/0, true/false, yes/no or on/off")
+        if k.kind == "list":
+            return [part.strip() for part in raw.split(",") if part.strip()]
+    except ValueError as e:
+        from qmgr.errors import QmgrError
+
+        raise QmgrError(f"{name}={raw!r}: {e} (it is {k.meaning})", code="bad_config") from None
+    return raw
 
 # The client's settings that the daemon's work depends on: sent with every request (header
 # ``X-Qmgr-Env``), so a daemon started from another shell, or the system service, pulls from
@@ -127,18 +218,16 @@ def load(
     """Settings from flags (the keyword arguments), environment and config file."""
     env = dict(os.environ) if env is None else env
     if system is None:
-        system = env.get("QMGR_SYSTEM", "").lower() in TRUE
-    config_path = Path(
-        env.get("QMGR_CONFIG") or (SYSTEM_CONFIG if system else user_config_file())
-    )
+        system = bool(knob("QMGR_SYSTEM", env))
+    config_path = Path(knob("QMGR_CONFIG", env) or (SYSTEM_CONFIG if system else
+                                                     user_config_file()))
     config = _read_config(config_path) if config_path.is_file() else {}
 
     def pick(flag: Any, env_key: str, config_key: str) -> Any:
         if flag is not None:
             return flag
-        if env.get(env_key):
-            return env[env_key]
-        return config.get(config_key)
+        value = knob(env_key, env)
+        return value if value is not None else config.get(config_key)
 
     s = Settings(system=system, config_file=config_path if config else None)
     s.home = Path(pick(home, "QMGR_HOME", "home") or (SYSTEM_HOME if system else user_data_home()))
@@ -153,8 +242,7 @@ def load(
     s.database_url = pick(None, "QMGR_DATABASE_URL", "database_url") or (
         f"sqlite:///{s.home / 'catalog.db'}"
     )
-    no_autostart = env.get("QMGR_NO_AUTOSTART", "").lower() in TRUE
-    s.autostart = autostart if autostart is not None else not no_autostart
+    s.autostart = autostart if autostart is not None else not knob("QMGR_NO_AUTOSTART", env)
     settle = pick(None, "QMGR_WATCH_SETTLE", "watch_settle")
     if settle is not None:
         s.watch_settle = float(settle)

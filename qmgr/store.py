@@ -63,7 +63,7 @@ def open_regular(path: Path, same_as: Identity | None = None) -> BinaryIO:
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise QmgrError(f"{path} became a symbolic link while qmgr read it: refused",
-                            code="file_changed", http_status=409) from e
+                            code="file_changed") from e
         raise
     st = os.fstat(fd)
     problem = None
@@ -74,7 +74,7 @@ def open_regular(path: Path, same_as: Identity | None = None) -> BinaryIO:
         problem = "was replaced by another file while qmgr read it"
     if problem:
         os.close(fd)
-        raise QmgrError(f"{path} {problem}: refused", code="file_changed", http_status=409)
+        raise QmgrError(f"{path} {problem}: refused", code="file_changed")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 

@@ -34,6 +34,7 @@ from qmgr.plugin import (
     file_kind,
     get_json,
     group_gguf_files,
+    knob,
     model_name_from,
     next_link,
     preferred_projector,
@@ -47,7 +48,8 @@ MAX_ENTRIES = 100_000
 
 
 def hub_endpoint(env: dict[str, str]) -> str:
-    return (env.get("QMGR_HF_ENDPOINT") or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    return (knob("QMGR_HF_ENDPOINT", env) or env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+            ).rstrip("/")
 
 
 class HuggingFaceSource:
@@ -144,7 +146,7 @@ class HuggingFaceSource:
             left_out = next((s for s in listing.skipped if s.name == ref.file), None)
             why = f": {left_out.why}" if left_out else ""
             raise QmgrError(f"hf://{ref.name} has no usable GGUF file {ref.file!r}{why}",
-                            code="not_found", http_status=404)
+                            code="not_found")
         return listing
 
     def _file(self, ref: Reference, endpoint: str, revision: str, path: str, e: dict,

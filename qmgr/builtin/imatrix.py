@@ -349,7 +349,7 @@ def compute_imatrix(model_path: str | os.PathLike[str], text: str,
             if n_chunks < 1:
                 raise QuantizeError(
                     f"the calibration text is only {len(tokens)} tokens; at least {n_ctx} are "
-                    "needed (a few thousand are better)", code="imatrix_text_too_short")
+                    "needed (a few thousand are better)", code="text_too_short")
             collector = Collector(ggml, cancel)
             callback = llama_cpp.ggml_backend_sched_eval_callback(collector)
             cparams = llama_cpp.llama_context_default_params()

@@ -45,6 +45,7 @@ from qmgr.plugin import (
     QuantizeError,
     QuantizeJob,
     Quantizer,
+    knob,
     read_header,
 )
 
@@ -127,12 +128,12 @@ class LlamaCppQuantizer:
         target = job.target.upper()
         if target not in FTYPE_IDS:
             raise QuantizeError(f"llama.cpp cannot make {job.target!r}; it makes: "
-                                f"{', '.join(TARGET_NAMES)}", code="unsupported_target")
+                                f"{', '.join(TARGET_NAMES)}", code="bad_target")
         opts = job.options
         unsupported = opts.used() - self.supported_options
         if unsupported:
             raise QuantizeError(f"the llama.cpp quantizer has no option "
-                                f"{', '.join(sorted(unsupported))}", code="unsupported_option")
+                                f"{', '.join(sorted(unsupported))}", code="bad_option")
         if job.src_facts and "tensor_types" in job.src_facts:  # the catalog read the header
             quantized = quant_type_from_facts(job.src_facts)
         else:
@@ -153,7 +154,7 @@ class LlamaCppQuantizer:
                 re.compile(pattern)
             except re.error as exc:
                 raise QuantizeError(f"tensor_types: {pattern!r} is not a regular expression "
-                                    f"({exc})", code="invalid_option") from exc
+                                    f"({exc})", code="bad_option") from exc
 
         try:
             import llama_cpp
@@ -214,7 +215,7 @@ class LlamaCppQuantizer:
         llama_cpp.llama_backend_init()
         log = LlamaLog(on_text)
         digest = OutputDigest(llama_cpp, job.src, job.dst, params, kv_items) \
-            if os.environ.get("QMGR_HASH_WHILE_WRITING", "1") != "0" else None
+            if knob("QMGR_HASH_WHILE_WRITING") else None
         with log:
             if digest is not None:
                 digest.start(log)
@@ -281,7 +282,7 @@ def parse_tensor_type(name: str, option: str) -> int:
     key = name.strip().upper()
     if key not in TENSOR_TYPES:
         raise QuantizeError(f"{option}: {name!r} is not a type llama.cpp quantizes to; one of "
-                            f"{', '.join(sorted(TENSOR_TYPES))}", code="invalid_option")
+                            f"{', '.join(sorted(TENSOR_TYPES))}", code="bad_option")
     return GGML_TYPES_BY_NAME[key].id
 
 

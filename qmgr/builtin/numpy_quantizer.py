@@ -143,7 +143,7 @@ class NumpyQuantizer:
             raise QuantizeError(
                 f"{job.src.name} is already quantized ({', '.join(requantized)}); quantizing "
                 "it again adds the errors of both: allow_requantize to go on anyway",
-                code="requantize")
+                code="requantize_refused")
 
         writer = new_writer(reader, job.dst, file_type)
         try:

@@ -49,8 +49,7 @@ class URLSource:
             with request(ctx.client, "HEAD", url, insecure=ctx.insecure) as r:
                 if r.status_code >= 400:
                     raise QmgrError(f"{redact(url)}: HTTP {r.status_code}",
-                                    code="not_found" if r.status_code == 404 else "fetch_failed",
-                                    http_status=404 if r.status_code == 404 else 502)
+                                    code="not_found" if r.status_code == 404 else "fetch_failed")
                 value = r.headers.get("x-linked-size") or r.headers.get("content-length")
                 return int(value) if value and value.isdigit() else None
         except FetchError:

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from qmgr.cli import cli, client, emit_json, human_size, json_option, table
+from qmgr.settings import knob
 
 KV_TYPES = ["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 
@@ -24,10 +25,9 @@ def fit_options(f: Any) -> Any:
 def fit_query(ctx_len: int | None, kv_type: str | None, headroom: float | None) -> dict[str, Any]:
     """Fit parameters for the daemon; the client's QMGR_HW travels with them, so a declared
     machine applies to this command even when the daemon was started without it."""
-    import os
 
     return {k: v for k, v in {"ctx": ctx_len, "kv_type": kv_type, "headroom": headroom,
-                              "hw": os.environ.get("QMGR_HW") or None}.items()
+                              "hw": knob("QMGR_HW")}.items()
             if v is not None}
 
 
@@ -108,9 +108,8 @@ def fit(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
 @click.pass_context
 def hw(ctx: click.Context, as_json: bool) -> None:
     """The devices qmgr plans for: probed, or declared with QMGR_HW='ram=16GiB,cuda=24GiB'."""
-    import os
 
-    hw_spec = os.environ.get("QMGR_HW")
+    hw_spec = knob("QMGR_HW")
     out = client(ctx).get("/v1/hardware", **({"hw": hw_spec} if hw_spec else {}))
     if as_json:
         emit_json(out)

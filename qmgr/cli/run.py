@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from qmgr.cli import cli, client, emit_json, human_size, json_option, table
+from qmgr.settings import knob
 
 KV = ["f16", "q8_0", "q4_0"]
 
@@ -38,8 +39,8 @@ def _body(ref: str, ctx_len: int | None, kv_type: str | None, max_tokens: int,
         body["ctx"] = ctx_len
     if kv_type:
         body["kv_type"] = kv_type
-    if os.environ.get("QMGR_HW"):
-        body["hw"] = os.environ["QMGR_HW"]
+    if knob("QMGR_HW"):
+        body["hw"] = knob("QMGR_HW")
     return body
 
 

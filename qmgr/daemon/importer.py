@@ -47,12 +47,11 @@ def check_file(path: Path) -> Path:
     if not path.is_absolute():
         raise QmgrError(f"path must be absolute: {path}", code="bad_path")
     if not path.exists():
-        raise QmgrError(f"no such file: {path}", code="not_found", http_status=404)
+        raise QmgrError(f"no such file: {path}", code="not_found")
     if not path.is_file():
         raise QmgrError(f"not a regular file: {path}", code="bad_path")
     if not os.access(path, os.R_OK):
-        raise QmgrError(f"the daemon (uid {os.getuid()}) cannot read {path}", code="forbidden",
-                        http_status=403)
+        raise QmgrError(f"the daemon (uid {os.getuid()}) cannot read {path}", code="forbidden")
     return path
 
 
@@ -107,7 +106,7 @@ def catalog_file(catalog: Catalog, store: Store, path: Path, *, copy: bool = Fal
             s.sha256, s.size = hash_file(s.path, same_as=st)
             if s.path.stat().st_mtime_ns != s.mtime_ns:
                 raise QmgrError(f"{s.path} changed while it was being hashed; try again",
-                                code="file_changed", http_status=409)
+                                code="file_changed")
     facts = combined_facts(shards)
     model_name = queries.check_name(name) if name else model_name_for(path, shards[0].facts)
     return record_variant(catalog, model_name, shards, facts, origin=Origin.IMPORTED,

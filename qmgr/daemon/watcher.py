@@ -78,7 +78,7 @@ class Watcher:
         real = str(path.resolve())
         with self.catalog.writing() as session:
             if session.scalar(select(WatchedFolder).where(WatchedFolder.path == real)):
-                raise QmgrError(f"already watching {real}", code="conflict", http_status=409)
+                raise QmgrError(f"already watching {real}", code="conflict")
             row = WatchedFolder(path=real)
             session.add(row)
             session.flush()
@@ -91,7 +91,7 @@ class Watcher:
         with self.catalog.writing() as session:
             row = session.scalar(select(WatchedFolder).where(WatchedFolder.path == real))
             if row is None:
-                raise QmgrError(f"not watching {folder}", code="not_found", http_status=404)
+                raise QmgrError(f"not watching {folder}", code="not_found")
             session.delete(row)
         with self.lock:
             watch = self.watches.pop(real, None)

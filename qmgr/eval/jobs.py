@@ -64,7 +64,7 @@ class Measuring:
                 missing = [t for t in tags if t.upper() not in by_tag]
                 if missing:
                     raise QmgrError(f"{name} has no ready variant {', '.join(missing)} (see "
-                                    "`qmgr list`)", code="not_found", http_status=404)
+                                    "`qmgr list`)", code="not_found")
                 ready = [by_tag[t.upper()] for t in tags]
             elif ":" in ref:
                 ready = [queries.resolve_one(session, ref)]

@@ -66,13 +66,12 @@ class EvalError(QmgrError):
     """An expected failure: a message a person can act on, with a stable code."""
 
     code = "eval_failed"
-    http_status = 422
 
 
 def find_backend(name: str) -> Backend:
     from qmgr.plugins import PluginSet
 
-    return cast(Backend, PluginSet().find("register_backends", name, "backend"))
+    return cast(Backend, PluginSet().find("register_backends", name))
 
 
 def load(backend: Any, ref: str, path: str, options: LoadOptions) -> Any:

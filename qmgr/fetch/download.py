@@ -66,7 +66,6 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 class Cancelled(QmgrError):
     code = "cancelled"
-    http_status = 409
 
 
 class FileChanged(FetchError):
@@ -263,8 +262,7 @@ class Download:
         if free < needed:
             raise QmgrError(
                 f"not enough disk space for {self.remote.name}: needs {needed / 2**30:.2f} GiB, "
-                f"{free / 2**30:.2f} GiB free in {self.store.root}", code="no_space",
-                http_status=507)
+                f"{free / 2**30:.2f} GiB free in {self.store.root}", code="no_space")
         parts = self._load_state(size)
         if parts is None:
             wanted = self.opts.parts or (4 if self.remote.url.startswith("https://") else 1)
@@ -301,8 +299,7 @@ class Download:
             self.discard()
             raise QmgrError(
                 f"{self.remote.name}: sha256 mismatch (registry says {self.remote.sha256}, "
-                f"received {sha}); the bytes were deleted", code="digest_mismatch",
-                http_status=502)
+                f"received {sha}); the bytes were deleted", code="digest_mismatch")
         path = self.store.publish(self.partial, sha, size)
         self.state_path.unlink(missing_ok=True)
         fsync_dir(self.store.partial)
@@ -420,7 +417,7 @@ class Download:
             except OSError as e:
                 self.pool.put(piece.buf)
                 self._fail(QmgrError(f"cannot write {self.partial}: {e.strerror or e}",
-                                     code="io_error", http_status=507))
+                                     code="io_error"))
                 continue
             self.pool.put(piece.buf)
             with self.lock:
@@ -539,14 +536,14 @@ class Download:
                 if m.group(3) != "*" and int(m.group(3)) != self.size:
                     raise QmgrError(f"{self.remote.name}: the server says the file has "
                                     f"{m.group(3)} bytes, the registry said {self.size}",
-                                    code="size_mismatch", http_status=502)
+                                    code="size_mismatch")
             elif r.status == 200:
                 # The server ignored Range: it sends the whole file; skip to our offset.
                 length = r.header("content-length")
                 if length is not None and length.isdigit() and int(length) != self.size:
                     raise QmgrError(f"{self.remote.name}: the server says the file has "
                                     f"{length} bytes, the registry said {self.size}",
-                                    code="size_mismatch", http_status=502)
+                                    code="size_mismatch")
                 skip = offset
             else:
                 raise FetchError(f"{redact(self.remote.url)}: unexpected HTTP {r.status}")

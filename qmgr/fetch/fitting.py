@@ -27,6 +27,7 @@ from qmgr.fit.policy import Ancestor, Candidate, Decision, decide
 from qmgr.plugin.http import make_client
 from qmgr.plugin.source import FetchContext, RemoteVariant
 from qmgr.refs import parse
+from qmgr.settings import knob
 
 DEFAULT_CTX = 4096
 
@@ -112,7 +113,7 @@ class Fitter:
         env = self.puller.env
         out = []
         header_bytes = 0
-        with make_client(self.puller.stall_timeout(), env.get("QMGR_CA_BUNDLE")) as client:
+        with make_client(self.puller.stall_timeout(), knob("QMGR_CA_BUNDLE", env)) as client:
             ctx = FetchContext(client, insecure=insecure, env=env)
             offered = self.puller.listing(ref, ctx).variants  # as pull lists it
             if ref.quant and ref.kind == "hf":
@@ -194,7 +195,7 @@ class Fitter:
             candidates = self.local_candidates(typed.name)
             if not candidates:
                 raise QmgrError(f"{req.ref!r} is neither a known model name nor cataloged",
-                                code="not_found", http_status=404)
+                                code="not_found")
             where, header_bytes, model = f"catalog:{typed.name}", 0, typed.name
         else:
             where, pairs, header_bytes = self.remote_candidates(req.ref, req.insecure)

@@ -33,6 +33,7 @@ from qmgr.plugin.http import Busy, make_client
 from qmgr.plugin.source import FetchContext, Listing, RemoteFile, RemoteVariant, Source, listing_of
 from qmgr.plugins import PluginSet
 from qmgr.refs import Reference, parse
+from qmgr.settings import knob
 from qmgr.store import Store
 from qmgr.work.jobs import JobHandle
 
@@ -55,19 +56,22 @@ class Puller:
     def options(self, insecure: bool) -> Options:
         e = self.env
         return Options(
-            parts=int(e["QMGR_DOWNLOAD_PARTS"]) if e.get("QMGR_DOWNLOAD_PARTS") else None,
-            part_threshold=int(e.get("QMGR_PART_THRESHOLD", 256 << 20)),
-            retries=int(e.get("QMGR_RETRIES", 5)),
-            backoff=float(e.get("QMGR_RETRY_BACKOFF", 1.0)),
+            parts=knob("QMGR_DOWNLOAD_PARTS", e),
+            part_threshold=knob("QMGR_PART_THRESHOLD", e),
+            retries=knob("QMGR_RETRIES", e),
+            backoff=knob("QMGR_RETRY_BACKOFF", e),
             insecure=insecure,
             stall_timeout=self.stall_timeout(),
-            min_speed=float(e.get("QMGR_MIN_SPEED", 1024)),
-            ca_bundle=e.get("QMGR_CA_BUNDLE") or None,
-            direct_io=e.get("QMGR_DIRECT_IO", "1") != "0",
+            min_speed=knob("QMGR_MIN_SPEED", e),
+            ca_bundle=self.ca_bundle(),
+            direct_io=knob("QMGR_DIRECT_IO", e),
         )
 
     def stall_timeout(self) -> float:
-        return float(self.env.get("QMGR_STALL_TIMEOUT", 30))
+        return float(knob("QMGR_STALL_TIMEOUT", self.env))
+
+    def ca_bundle(self) -> str | None:
+        return knob("QMGR_CA_BUNDLE", self.env)
 
     # -- resolving ------------------------------------------------------------------------------
 
@@ -120,7 +124,7 @@ class Puller:
         if ref.kind == "alias":
             raise QmgrError(f"{raw!r} stands for the cataloged {ref.raw}: `qmgr show {ref.raw}`",
                             code="bad_ref")
-        with make_client(self.stall_timeout(), self.env.get("QMGR_CA_BUNDLE")) as client:
+        with make_client(self.stall_timeout(), self.ca_bundle()) as client:
             ctx = FetchContext(client, insecure=insecure, env=self.env)
             listing = self.listing(ref, ctx)
             out = listing.to_dict()
@@ -145,8 +149,7 @@ class Puller:
         if not offered:
             why = f" (refused: {'; '.join(f'{s.name}: {s.why}' for s in refused)})" \
                 if refused else ""
-            raise QmgrError(f"{ref.canonical} offers no GGUF model files{why}", code="not_found",
-                            http_status=404)
+            raise QmgrError(f"{ref.canonical} offers no GGUF model files{why}", code="not_found")
         if ref.kind in ("url", "ollama") or ref.file:
             return offered[0]
         names = ", ".join(sorted({v.quant or "?" for v in offered}))
@@ -163,9 +166,9 @@ class Puller:
             if bad:
                 raise QmgrError(f"{ref.canonical}: the registry's listing of the {ref.quant} file "
                                 f"cannot be trusted: {bad[0].name}: {bad[0].why}",
-                                code="bad_registry", http_status=502)
+                                code="bad_registry")
             raise QmgrError(f"{ref.canonical} has no {ref.quant} variant; it offers: {names}",
-                            code="not_found", http_status=404)
+                            code="not_found")
         if len(offered) == 1:
             return offered[0]
         for v in offered:
@@ -230,7 +233,7 @@ class Puller:
                 handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
                 return {"variant": variant, "downloaded": 0}
         insecure = bool(args.get("insecure"))
-        with make_client(self.stall_timeout(), self.env.get("QMGR_CA_BUNDLE")) as client:
+        with make_client(self.stall_timeout(), self.ca_bundle()) as client:
             ctx = FetchContext(client, insecure=insecure, sha256=args.get("sha256"), env=self.env)
             handle.update(phase="listing")
             chosen = self.choose(ref, self._listing_when_ready(ref, ctx, handle))
@@ -266,7 +269,7 @@ class Puller:
                             handle: JobHandle) -> Listing:
         """The listing, waiting (as the job's phase says) while the registry answers that it
         is busy (a mirror still hashing its files): up to ``QMGR_BUSY_WAIT`` seconds."""
-        deadline = time.monotonic() + float(self.env.get("QMGR_BUSY_WAIT", 600))
+        deadline = time.monotonic() + knob("QMGR_BUSY_WAIT", self.env)
         while True:
             try:
                 return until_cancelled(handle, lambda: self.listing(ref, ctx))

@@ -32,6 +32,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from qmgr.errors import QmgrError
+from qmgr.settings import knob
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def snapshot(probes: Iterable[Probe], env: Mapping[str, str] | None = None,
     skipped.
     """
     env = os.environ if env is None else env
-    declared = env.get("QMGR_HW", "").strip()
+    declared = (knob("QMGR_HW", env) or "").strip()
     if declared:
         return Snapshot(parse_hw(declared, "QMGR_HW"), [], "QMGR_HW")
     if config is not None and config.get("hw") is not None:

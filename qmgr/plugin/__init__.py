@@ -68,14 +68,15 @@ if TYPE_CHECKING:
         preferred_projector,
     )
     from qmgr.refs import Reference, registry_path_problem
+    from qmgr.settings import knob
     from qmgr.store import SHA256_RE, check_digest
 
     hookimpl: pluggy.HookimplMarker
 
 # name -> the module it comes from
 _EXPORTS = {
-    # errors every plugin may raise
-    "QmgrError": "qmgr.errors", "GGUFError": "qmgr.errors",
+    # errors every plugin may raise, and qmgr's QMGR_* settings (settings.KNOBS)
+    "QmgrError": "qmgr.errors", "GGUFError": "qmgr.errors", "knob": "qmgr.settings",
     # sources
     "Source": "qmgr.plugin.source", "FetchContext": "qmgr.plugin.source",
     "RemoteFile": "qmgr.plugin.source", "RemoteVariant": "qmgr.plugin.source",
@@ -110,7 +111,8 @@ _EXPORTS = {
 }
 
 __all__ = [  # what `from qmgr.plugin import *` gives: every name in _EXPORTS, and hookimpl
-    "hookimpl", "QmgrError", "GGUFError", "Source", "FetchContext", "RemoteFile", "RemoteVariant",
+    "hookimpl", "QmgrError", "GGUFError", "knob", "Source", "FetchContext", "RemoteFile",
+    "RemoteVariant",
     "Listing", "Skipped", "group_gguf_files", "preferred_projector", "Reference",
     "registry_path_problem", "SHA256_RE", "check_digest", "FetchError", "get_json", "next_link",
     "redact", "request", "file_kind", "model_name_from", "quant_from_name", "strip_quant_suffix",

@@ -144,7 +144,7 @@ class Backend(Protocol):
     def version(self) -> str: ...
 
     def can_run(self, facts: dict[str, Any], devices: list[Device]) -> str | None:
-        """None if it can run a model with these facts (``ModelFacts.to_dict()``: arch,
+        """None if it can run a model with these facts (``ModelFacts.to_dict()``: architecture,
         file type, tensor types...) on these devices; else why not, for the user. Cheap: no
         model is loaded. qmgr runs a model with the first backend that has no objection."""
         ...

@@ -60,7 +60,6 @@ class FetchError(QmgrError):
     """The registry or the network failed in a way a retry may fix (or may not)."""
 
     code = "fetch_failed"
-    http_status = 502
 
 
 def make_client(stall_timeout: float = 30.0, ca_bundle: str | None = None) -> httpx.Client:
@@ -110,11 +109,11 @@ def redirect_target(url: str, location: str, origin: str, headers: dict[str, str
     target = urljoin(url, location)
     if urlsplit(url).scheme == "https" and urlsplit(target).scheme != "https":
         raise QmgrError(f"refusing a redirect from https to {redact(target)}",
-                        code="insecure_redirect")
+                        code="insecure")
     same_host = urlsplit(target).netloc == origin
     if urlsplit(target).scheme == "http" and not insecure and not (http_origin and same_host):
         raise QmgrError(f"refusing a redirect to plain http at another host ({redact(target)}); "
-                        "pass --insecure if you trust it", code="insecure_redirect")
+                        "pass --insecure if you trust it", code="insecure")
     check_scheme(target, insecure or http_origin)
     if not same_host:
         headers.pop("Authorization", None)  # the token is for the registry only
@@ -177,9 +176,9 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
     with request(client, "GET", url, headers, insecure=insecure, http_origin=http_origin) as r:
         if r.status_code == 401 or r.status_code == 403:
             raise QmgrError(f"{redact(url)}: access denied ({r.status_code}); for a gated "
-                            "repository set HF_TOKEN", code="unauthorized", http_status=403)
+                            "repository set HF_TOKEN", code="unauthorized")
         if r.status_code == 404:
-            raise QmgrError(f"{redact(url)}: not found", code="not_found", http_status=404)
+            raise QmgrError(f"{redact(url)}: not found", code="not_found")
         if r.status_code == 503 and "retry-after" in r.headers:
             raise Busy(f"{redact(url)}: {_said(r) or 'busy'}", _seconds(r.headers["retry-after"]))
         if r.status_code >= 400:
@@ -203,7 +202,6 @@ class Busy(FetchError):
     """503 with ``Retry-After``: the server is up but not ready (a mirror still hashing)."""
 
     code = "registry_busy"
-    http_status = 503
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)

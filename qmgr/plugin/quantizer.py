@@ -146,4 +146,3 @@ class QuantizeError(QmgrError):
     """A quantizer's refusal with a message for the user (its code reaches the user)."""
 
     code = "quantize_failed"
-    http_status = 422

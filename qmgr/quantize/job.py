@@ -71,11 +71,11 @@ class Quantizing:
             v = queries.resolve_one(session, ref)
             if v.state != VariantState.READY:
                 raise QmgrError(f"{v.model.name}:{v.tag} is {v.state}: its file is not usable",
-                                code="not_ready", http_status=409)
+                                code="not_ready")
             if len(v.files) != 1:
                 raise QmgrError(f"{v.model.name}:{v.tag} is split in {len(v.files)} shards; "
                                 "quantizing split models is not supported yet",
-                                code="unsupported")
+                                code="unsupported_source")
             return Source(v.id, v.model.name, f"{v.model.name}:{v.tag}",
                           Path(v.files[0].blob.path), v.sha256, dict(v.facts or {}))
 
@@ -91,8 +91,7 @@ class Quantizing:
                     Imatrix.id.desc()))
                 if row is None:
                     raise QmgrError(f"no importance matrix for {model} yet: make one with "
-                                    f"`qmgr imatrix {model}:TAG --text FILE`", code="not_found",
-                                    http_status=404)
+                                    f"`qmgr imatrix {model}:TAG --text FILE`", code="not_found")
                 return Path(row.path), row.sha256
             row = session.scalar(select(Imatrix).where(Imatrix.sha256.startswith(spec.lower())))
             if row is not None:
@@ -100,7 +99,7 @@ class Quantizing:
         path = Path(spec)
         if not path.is_absolute() or not path.is_file():
             raise QmgrError(f"--imatrix {spec!r}: neither a computed matrix nor a file",
-                            code="not_found", http_status=404)
+                            code="not_found")
         return path, hash_file(path)[0]
 
     def run_worker(self, handle: JobHandle, request: dict[str, Any], label: str,
@@ -223,5 +222,6 @@ class Quantizing:
         handle.update(phase="done")
         return {"imatrix": {"sha256": sha, "path": str(path), "model": src.model,
                             "variant": src.ref, "tokens": result.get("tokens"),
+                            "computed_by": result.get("imatrix_maker"),
                             "text_sha256": text_digest}}
 

@@ -75,7 +75,7 @@ def quantizer_plugins() -> PluginSet:
 
 
 def find_quantizer(name: str) -> Quantizer:
-    return cast(Quantizer, quantizer_plugins().find("register_quantizers", name, "quantizer"))
+    return cast(Quantizer, quantizer_plugins().find("register_quantizers", name))
 
 
 def quantize(request: dict[str, Any]) -> dict[str, Any]:

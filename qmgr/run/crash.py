@@ -43,4 +43,4 @@ def crash_error(backend: str, returncode: int, doing: str) -> QmgrError:
         message += f" {backend} stops so on a failed internal check: see the daemon log."
     else:
         message += " See the daemon log."
-    return QmgrError(message, code=CODE, http_status=500)
+    return QmgrError(message, code=CODE)

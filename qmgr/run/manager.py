@@ -72,7 +72,7 @@ class Runner:
         if returncode < 0:
             return crash_error(self.backend, returncode, f"{doing} {self.ref}")
         return QmgrError(f"the runner of {self.ref} exited (status {returncode}) while "
-                         f"{doing}; see the daemon log", code="runner_died", http_status=500)
+                         f"{doing}; see the daemon log", code="runner_died")
 
     def request(self, req: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
         """Send one request; yield its answer lines up to the final one. Closing the iterator
@@ -193,8 +193,7 @@ class ModelManager:
                 raise crash_error(backend, returncode, f"loading {ref}")
             err = answer.get("error") or {"message": f"the runner exited (status {returncode})"
                                                      " while loading (see the daemon log)"}
-            raise QmgrError(f"cannot load {ref}: {err['message']}", code="load_failed",
-                            http_status=500)
+            raise QmgrError(f"cannot load {ref}: {err['message']}", code="load_failed")
         log.info("loaded %s (pid %d, ctx %d, %d GPU layers)", ref, proc.pid, options.n_ctx,
                  options.n_gpu_layers)
         return Runner(key, ref, path, backend, options, placement, proc)

@@ -33,7 +33,7 @@ from qmgr.workerio import emit
 def find_backend(name: str) -> Backend:
     from qmgr.plugins import PluginSet
 
-    return cast(Backend, PluginSet().find("register_backends", name, "backend"))
+    return cast(Backend, PluginSet().find("register_backends", name))
 
 
 def rss() -> int:

@@ -33,16 +33,16 @@ def check_ctx(name: str, facts: dict[str, Any], ctx: int) -> None:
 
 def choose_backend(backends: list[Backend], facts: dict[str, Any], devices: list[Device],
                    wanted: str | None = None) -> str:
-    """The backend that runs a model: the one asked for, else the first registered one whose
-    ``can_run`` has no objection (plugin order: built-ins, then entry points; a plugin that
-    must come first says ``tryfirst``). Refused with every backend's reason when none can."""
+    """The backend that runs a model: the one asked for, else the first one whose ``can_run``
+    has no objection, in pluggy's order (``tryfirst`` ones, then the last registered first:
+    an installed plugin's before the built-in, unless it says ``trylast``). Refused with every
+    backend's reason when none can."""
     if not backends:
         raise QmgrError("no runtime backend is installed (the built-in llama.cpp one needs "
                         "pip install 'qmgr[llama]')", code="no_backend")
     if wanted is not None and wanted not in {b.name for b in backends}:
         raise QmgrError(f"no backend named {wanted!r} (installed: "
-                        f"{', '.join(b.name for b in backends)})", code="no_backend",
-                        http_status=404)
+                        f"{', '.join(b.name for b in backends)})", code="no_backend")
     why = {}
     for backend in backends:
         if wanted is not None and backend.name != wanted:
@@ -56,8 +56,7 @@ def choose_backend(backends: list[Backend], facts: dict[str, Any], devices: list
             return backend.name
         why[backend.name] = objection
     raise QmgrError("no installed backend can run this model: " + "; ".join(
-        f"{name}: {reason}" for name, reason in why.items()), code="no_backend",
-        http_status=409)
+        f"{name}: {reason}" for name, reason in why.items()), code="no_backend")
 
 
 class Running:
@@ -80,7 +79,7 @@ class Running:
             v = queries.resolve_one(session, ref)
             if v.state != VariantState.READY:
                 raise QmgrError(f"{v.model.name}:{v.tag} is {v.state}: its file is not usable",
-                                code="not_ready", http_status=409)
+                                code="not_ready")
             return f"{v.model.name}:{v.tag}", [f.blob.path for f in v.files], dict(v.facts)
 
     def runner(self, ref: str, ctx: int | None = None, kv_type: str = "f16",
@@ -96,7 +95,7 @@ class Running:
             need = sum(d.total for d in placement.devices)
             raise QmgrError(f"{name} needs {need / 2**30:.1f} GiB at --ctx {n_ctx} and does not "
                             "fit this machine's memory (see `qmgr fit`); try a smaller --ctx "
-                            "or a smaller quant", code="does_not_fit", http_status=507)
+                            "or a smaller quant", code="does_not_fit")
         options = LoadOptions(n_ctx=n_ctx, n_gpu_layers=placement.gpu_layers, kv_type=kv_type,
                               flash_attn=kv_type != "f16")
         chosen = choose_backend(self.backends(), facts, devices, backend)

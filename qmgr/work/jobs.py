@@ -30,6 +30,7 @@ from sqlalchemy import select
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Job, JobState
 from qmgr.errors import NotFound, QmgrError, as_qmgr_error
+from qmgr.settings import knob
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class WarmWorkers:
 
     @staticmethod
     def wanted(env: dict[str, str] | None) -> bool:
-        return (env if env is not None else os.environ).get("QMGR_WARM_WORKERS", "1") != "0"
+        return bool(knob("QMGR_WARM_WORKERS", env))
 
     def take(self, module: str, env: dict[str, str] | None) -> subprocess.Popen[str]:
         with self.lock:
@@ -399,8 +400,7 @@ class JobRunner:
         if handle is None or handle.state in TERMINAL:
             current = self.get(job_id)
             if current["state"] in TERMINAL:
-                raise QmgrError(f"job {job_id} already {current['state']}", code="conflict",
-                                http_status=409)
+                raise QmgrError(f"job {job_id} already {current['state']}", code="conflict")
             # Queued in the catalog but not running here: mark it so it never starts.
             with self.catalog.writing() as session:
                 job = session.get(Job, job_id)

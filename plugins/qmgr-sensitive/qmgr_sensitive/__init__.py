@@ -63,7 +63,7 @@ class SensitiveQuantizer:
                             if t.tensor_type not in FLOAT_TYPES})
         if quantized and not job.options.allow_requantize:
             raise QuantizeError(f"{job.src.name} is already quantized ({', '.join(quantized)})"
-                                ": allow_requantize to go on anyway", code="requantize")
+                                ": allow_requantize to go on anyway", code="requantize_refused")
 
         # Pass 1: how much does Q4_0 hurt each weight tensor?
         errors = {}

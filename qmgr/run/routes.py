@@ -1,0 +1,96 @@
+"""Running's endpoints: generate (streamed), the loaded models, unloading them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from qmgr.catalog import queries
+from qmgr.catalog.db import Catalog
+from qmgr.errors import QmgrError
+from qmgr.run.manager import ModelManager, Runner
+from qmgr.run.service import Running
+from qmgr.work.api import NDJSON, Call, Endpoint, Table
+
+GENERATE_BODY = {
+    "type": "object", "required": ["ref"],
+    "properties": {"ref": {"type": "string"}, "prompt": {"type": "string"},
+                   "messages": {"type": "array", "items": {"type": "object"}},
+                   "ctx": {"type": "integer"}, "kv_type": {"type": "string"},
+                   "hw": {"type": "string"}, "params": {"type": "object"},
+                   "backend": {"type": "string"}},
+}
+STOP_BODY = {"type": "object", "properties": {"ref": {"type": "string"}}}
+
+
+def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Endpoint]:
+    api = Table()
+
+    @api.endpoint("POST", "/v1/generate", "Generate from a prompt, or chat from messages, "
+                  "streaming newline-delimited JSON ({\"text\"} pieces, then {\"done\": stats})",
+                  body=GENERATE_BODY, stream=NDJSON)
+    async def generate(call: Call) -> AsyncIterator[str]:
+        body = call.body
+        if ("prompt" in body) == ("messages" in body):
+            raise QmgrError("give either 'prompt' or 'messages'", code="bad_request")
+        runner = await run_in_threadpool(running.runner, body["ref"], body.get("ctx"),
+                                          body.get("kv_type") or "f16", body.get("hw"),
+                                          body.get("backend"))
+        req = ({"op": "generate", "prompt": body["prompt"]} if "prompt" in body
+               else {"op": "chat", "messages": body["messages"]})
+        req["params"] = body.get("params") or {}
+        return _answers(runner, req)
+
+    @api.endpoint("GET", "/v1/ps", "Loaded models: memory, placement, idle time")
+    def ps(call: Call) -> list[dict[str, Any]]:
+        return models.ps()
+
+    @api.endpoint("POST", "/v1/stop", "Unload a model (all when 'ref' is absent)",
+                  body=STOP_BODY)
+    def stop(call: Call) -> dict[str, Any]:
+        ref = call.body.get("ref")
+        if ref:
+            with catalog.reading() as session:
+                v = queries.resolve_one(session, ref)
+                ref = f"{v.model.name}:{v.tag}"
+        return {"stopped": models.stop(ref)}
+
+    return api.endpoints
+
+
+def _answers(runner: Runner, req: dict[str, Any]) -> AsyncIterator[str]:
+    """The runner's answers as lines, read in a thread; closing the stream (the client's
+    Ctrl-C) cancels the generation."""
+    import asyncio
+    import contextlib
+    import json
+    import threading
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    gone = threading.Event()  # the client closed the stream (qmgr chat's Ctrl-C)
+
+    def work() -> None:
+        try:
+            with contextlib.closing(runner.request(req)) as answers:
+                for msg in answers:
+                    if gone.is_set():
+                        break  # closing the request cancels the generation in the runner
+                    loop.call_soon_threadsafe(queue.put_nowait, msg)
+        except QmgrError as e:
+            loop.call_soon_threadsafe(queue.put_nowait, e.to_dict())
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    threading.Thread(target=work, daemon=True).start()
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            while (msg := await queue.get()) is not None:
+                yield json.dumps(msg) + "\n"
+        finally:
+            gone.set()
+
+    return lines()
