@@ -831,3 +831,81 @@ def serve(root: Path, host: str = "127.0.0.1", port: int = 8787, *,
     if not root.is_dir():
         raise NotADirectoryError(f"not a directory: {root}")
     return Mirror(root, (host, port), digests=Digests(root, state))
+
+
+MAX_REFERENCES_SHOWN = 20
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m qmgr.mirror DIRECTORY [--host H] [--port P] [--state PATH] [-q]``: what
+    ``qmgr mirror serve`` runs (it execs this, so the client never imports the mirror)."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="qmgr mirror serve")
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8787)
+    parser.add_argument("--state", type=Path)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
+    if args.quiet:
+        access_log.setLevel(logging.WARNING)
+    state = args.state or default_state_path(args.directory)
+    try:
+        server = serve(args.directory, args.host, args.port, state=state)
+    except OSError as e:
+        _say(f"Error: cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        return 1
+    try:
+        try:
+            layout = server.scan()
+        except OSError as e:
+            _say(f"Error: cannot read {server.root}: {e.strerror or e}")
+            return 1
+        if not layout.repositories:
+            _say(f"Error: {no_models_message(server.root, layout)}")
+            return 1
+        refs = [r for repo in layout.repositories for r in references(server, repo)]
+        _say(f"serving {server.root} at {server.url}: {len(refs)} variant"
+             f"{'' if len(refs) == 1 else 's'} in {len(layout.repositories)} "
+             f"repositor{'y' if len(layout.repositories) == 1 else 'ies'}")
+        for ref in refs[:MAX_REFERENCES_SHOWN]:
+            _say(f"  {ref}")
+        if len(refs) > MAX_REFERENCES_SHOWN:
+            _say(f"  ... and {len(refs) - MAX_REFERENCES_SHOWN} more")
+        for path, why in layout.ignored:
+            _say(f"not served: {path.relative_to(server.root)}: {why}")
+        bound = str(server.server_address[0])
+        reachable = server.url
+        if bound in ("0.0.0.0", "::"):  # a wildcard address: tell clients a name to use
+            reachable = server.url.replace(f"[{bound}]" if ":" in bound else bound,
+                                           socket.gethostname(), 1)
+        example = refs[0] if refs else "hf.co/OWNER/REPO:QUANT"
+        _say(f"pull elsewhere with: QMGR_HF_ENDPOINT={reachable} qmgr pull {example}")
+        # systemd stops a service with SIGTERM: close down as on Ctrl-C.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        files, size = server.start_hashing()
+        if files:
+            _say(f"hashing {files} file{'' if files == 1 else 's'}, {size_text(size)}, in the "
+                 f"background; listings answer 503 until done (digests kept in "
+                 f"{server.digests.kept_in})")
+        else:
+            _say(f"every digest is known already (kept in {server.digests.kept_in}); "
+                 "nothing to hash")
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

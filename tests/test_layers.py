@@ -38,9 +38,7 @@ CLIENT = {
     "service": {"client", "qmgr", "errors", "settings"},
 }
 
-DEBT: dict[tuple[str, str], str] = {
-    ("cli", "mirror"): "`qmgr mirror serve` runs the mirror in the client's process",
-}
+DEBT: dict[tuple[str, str], str] = {}
 
 
 def package_of(module: str) -> str:

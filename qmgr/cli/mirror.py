@@ -8,8 +8,6 @@ import click
 
 from qmgr.cli import cli
 
-MAX_REFERENCES_SHOWN = 20
-
 
 @cli.group(name="mirror")
 def mirror() -> None:
@@ -44,61 +42,14 @@ def serve(directory: Path, host: str, port: int, state: Path | None, quiet: bool
     Until a repository's files are hashed, its listing answers 503 with Retry-After; files
     download at once. One line per request goes to stderr.
     """
-    import logging
-    import signal
-    import socket
+    import os
     import sys
 
-    from qmgr import mirror as mirror_mod
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S")
+    # The mirror runs as its own program (the client imports nothing of it): exec it here.
+    argv = [sys.executable, "-m", "qmgr.mirror", str(directory), "--host", host,
+            "--port", str(port)]
+    if state is not None:
+        argv += ["--state", str(state)]
     if quiet:
-        mirror_mod.access_log.setLevel(logging.WARNING)
-    state = state or mirror_mod.default_state_path(directory)
-    try:
-        server = mirror_mod.serve(directory, host, port, state=state)
-    except OSError as e:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}"
-                                   ) from None
-    try:
-        try:
-            layout = server.scan()
-        except OSError as e:
-            raise click.ClickException(f"cannot read {server.root}: {e.strerror or e}"
-                                       ) from None
-        if not layout.repositories:
-            raise click.ClickException(mirror_mod.no_models_message(server.root, layout))
-        refs = [r for repo in layout.repositories for r in mirror_mod.references(server, repo)]
-        click.echo(f"serving {server.root} at {server.url}: {len(refs)} variant"
-                   f"{'' if len(refs) == 1 else 's'} in {len(layout.repositories)} "
-                   f"repositor{'y' if len(layout.repositories) == 1 else 'ies'}", err=True)
-        for ref in refs[:MAX_REFERENCES_SHOWN]:
-            click.echo(f"  {ref}", err=True)
-        if len(refs) > MAX_REFERENCES_SHOWN:
-            click.echo(f"  ... and {len(refs) - MAX_REFERENCES_SHOWN} more", err=True)
-        for path, why in layout.ignored:
-            click.echo(f"not served: {path.relative_to(server.root)}: {why}", err=True)
-        bound = str(server.server_address[0])
-        reachable = server.url
-        if bound in ("0.0.0.0", "::"):  # a wildcard address: tell clients a name to use
-            reachable = server.url.replace(f"[{bound}]" if ":" in bound else bound,
-                                           socket.gethostname(), 1)
-        example = refs[0] if refs else "hf.co/OWNER/REPO:QUANT"
-        click.echo(f"pull elsewhere with: QMGR_HF_ENDPOINT={reachable} qmgr pull {example}",
-                   err=True)
-        # systemd stops a service with SIGTERM: close down as on Ctrl-C.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        files, size = server.start_hashing()
-        if files:
-            click.echo(f"hashing {files} file{'' if files == 1 else 's'}, "
-                       f"{mirror_mod.size_text(size)}, in the background; listings answer 503 "
-                       f"until done (digests kept in {server.digests.kept_in})", err=True)
-        else:
-            click.echo(f"every digest is known already (kept in {server.digests.kept_in}); "
-                       "nothing to hash", err=True)
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+        argv.append("-q")
+    os.execv(sys.executable, argv)
