@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from qmgr import gguf
 from qmgr.catalog.models import Eval, Model, Variant
 from qmgr.errors import QmgrError
 from qmgr.fetch import aliases
+from qmgr.fetch.pull import Puller
 from qmgr.fetch.remote_header import RangeReader
 from qmgr.fit import hardware
 from qmgr.fit.estimate import ModelShape
@@ -27,7 +29,7 @@ from qmgr.fit.policy import Ancestor, Candidate, Decision, decide
 from qmgr.plugin.http import make_client
 from qmgr.plugin.source import FetchContext, RemoteVariant
 from qmgr.refs import parse
-from qmgr.settings import knob
+from qmgr.settings import Settings, knob
 
 DEFAULT_CTX = 4096
 
@@ -69,7 +71,7 @@ class FitRequest:
 
 
 class Fitter:
-    def __init__(self, puller: Any, settings: Any):
+    def __init__(self, puller: Puller, settings: Settings):
         self.puller = puller
         self.settings = settings
 
@@ -220,7 +222,7 @@ def _lossless_variant(v: Variant) -> bool:
     return (v.quant_type or "").upper() in REFERENCE_TYPES
 
 
-def _parents(session: Any, v: Variant) -> list[Variant]:
+def _parents(session: Session, v: Variant) -> list[Variant]:
     """The cataloged variants ``v`` was quantized from, nearest first. A parent whose row is
     gone is found again by the digest its child's recipe kept, if its bytes are cataloged
     under another name."""
@@ -247,7 +249,7 @@ def _requantized(v: Variant) -> bool:
                 or (isinstance(details, dict) and details.get("requantized_from")))
 
 
-def _lineage(session: Any, v: Variant,
+def _lineage(session: Session, v: Variant,
              measured: dict[int, tuple[float | None, str | None]]) -> list[Ancestor]:
     parents = _parents(session, v)
     out = [Ancestor(_ref(p), p.quant_type, measured.get(p.id, (None, None))[0])

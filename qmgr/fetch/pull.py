@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 from sqlalchemy import select
 
 from qmgr import gguf
@@ -282,14 +283,14 @@ class Puller:
                     raise Cancelled("cancelled while waiting for the registry") from None
                 handle.update(phase="listing")
 
-    def _fetch(self, client: Any, remote: RemoteFile, insecure: bool, handle: JobHandle,
+    def _fetch(self, client: httpx.Client, remote: RemoteFile, insecure: bool, handle: JobHandle,
                progress: _Counter) -> tuple[Path, bool]:
         """One file into the store (or found there by its digest): (path, downloaded now)."""
         with self.fetching.hold(remote.sha256 or f"url:{remote.url}", handle):
             return self._fetch_alone(client, remote, insecure, handle, progress)
 
-    def _fetch_alone(self, client: Any, remote: RemoteFile, insecure: bool, handle: JobHandle,
-                     progress: _Counter) -> tuple[Path, bool]:
+    def _fetch_alone(self, client: httpx.Client, remote: RemoteFile, insecure: bool,
+                     handle: JobHandle, progress: _Counter) -> tuple[Path, bool]:
         path = self.have_blob(remote.sha256) if remote.sha256 else None
         fresh = path is None
         if path is None:

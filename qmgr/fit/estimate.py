@@ -26,10 +26,12 @@ calibrated against real loads (bench/bench_estimate.py; docs/fit.md says how).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qmgr.errors import QmgrError
+from qmgr.fit.hardware import Device
 from qmgr.gguf import GGUFHeader, facts_from_header
 
 MiB = 1 << 20
@@ -250,7 +252,7 @@ class Placement:
 
 
 def _cpu_use(shape: ModelShape, n_ctx: int, kv_type: str, cpu_layers: range,
-             output_on_cpu: bool, cpu: Any) -> DeviceUse:
+             output_on_cpu: bool, cpu: Device | None) -> DeviceUse:
     use = DeviceUse("cpu", 0, cpu.name if cpu else "cpu")
     use.weights = shape.input_bytes + sum(shape.layer_bytes[i] for i in cpu_layers)
     if output_on_cpu:
@@ -265,7 +267,7 @@ def _cpu_use(shape: ModelShape, n_ctx: int, kv_type: str, cpu_layers: range,
     return use
 
 
-def place(shape: ModelShape, devices: list[Any], n_ctx: int, kv_type: str = "f16",
+def place(shape: ModelShape, devices: list[Device], n_ctx: int, kv_type: str = "f16",
           headroom: float = 0.10) -> Placement:
     """As many layers on the GPUs as fit (the last ones, as llama.cpp offloads them), the rest
     and the input embedding on the CPU. ``devices`` are :class:`qmgr.fit.hardware.Device`-like
@@ -276,7 +278,7 @@ def place(shape: ModelShape, devices: list[Any], n_ctx: int, kv_type: str = "f16
     cpu = next((d for d in devices if d.kind == "cpu"), None)
     gpus = [d for d in devices if d.kind in ("cuda", "rocm", "metal")]
 
-    def budget(d: Any) -> int:
+    def budget(d: Device) -> int:
         total = d.memory_total or 0
         free = d.memory_free if d.memory_free is not None else total
         # On unified memory only a share of RAM is the GPU's (Metal's working-set limit).
@@ -300,8 +302,9 @@ def place(shape: ModelShape, devices: list[Any], n_ctx: int, kv_type: str = "f16
     return _placement(shape, cpu, gpus, 0, False, n_ctx, kv_type, budget)
 
 
-def _placement(shape: ModelShape, cpu: Any, gpus: list[Any], n_gpu: int, output_on_gpu: bool,
-               n_ctx: int, kv_type: str, budget: Any) -> Placement:
+def _placement(shape: ModelShape, cpu: Device | None, gpus: list[Device], n_gpu: int,
+               output_on_gpu: bool, n_ctx: int, kv_type: str,
+               budget: Callable[[Device], int]) -> Placement:
     first_gpu_layer = shape.n_layer - n_gpu
     p = Placement(shape.n_layer, n_gpu, output_on_gpu)
     cpu_use = _cpu_use(shape, n_ctx, kv_type, range(first_gpu_layer), not output_on_gpu, cpu)
