@@ -104,17 +104,15 @@ class QmgrError(Exception):
 
     code = "error"
 
-    def __init__(self, message: str, *, code: str | None = None,
-                 http_status: int | None = None):
+    def __init__(self, message: str, *, code: str | None = None):
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
-        self._status = http_status  # TRANSITIONAL: removed once no caller passes it
 
     @property
     def http_status(self) -> int:
-        return self._status or status_of(self.code)
+        return status_of(self.code)
 
     def to_dict(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.message}}

@@ -220,7 +220,7 @@ def test_bad_options_are_refused_before_llama_cpp_runs(tiny: Path, tmp_path: Pat
         quantize(tiny, dst, "Q4_0", tensor_types={"ffn_(": "Q8_0"})
     with pytest.raises(QuantizeError) as e:
         quantize(tiny, dst, "Q7_K")
-    assert e.value.code == "unsupported_target"
+    assert e.value.code == "bad_target"
     assert not dst.exists()
 
 

@@ -190,7 +190,7 @@ def test_quantized_source_needs_allow_requantize(tmp_path: Path) -> None:
     src = make_tiny_gguf(tmp_path / "tiny-Q8_0.gguf", ftype="Q8_0")
     with pytest.raises(QuantizeError, match="already quantized \\(Q8_0\\).*allow_requantize") as e:
         run(src, tmp_path / "out.gguf", "Q4_0")
-    assert e.value.code == "requantize"
+    assert e.value.code == "requantize_refused"
 
     result = run(src, tmp_path / "out.gguf", "Q4_0", allow_requantize=True)
     assert result["requantized_from"] == ["Q8_0"]

@@ -20,7 +20,7 @@ from conftest import Env
 from ggufmake import make_tiny_gguf
 from test_plugins import install
 
-from qmgr.plugin.quantizer import QuantizeError
+from qmgr.errors import QmgrError
 
 QUANTIZERS = """
     import os, shutil, time
@@ -263,8 +263,9 @@ def test_the_worker_finds_its_quantizers_once_and_again_after_an_install(
     monkeypatch.setattr(worker, "_plugins", [])
     first = worker.quantizer_plugins()
     assert worker.quantizer_plugins() is first  # nothing installed meanwhile: no new scan
-    with pytest.raises(QuantizeError, match="no quantizer named 'copy'"):
+    with pytest.raises(QmgrError, match="no quantizer named 'copy'") as e:
         worker.find_quantizer("copy")
+    assert e.value.code == "no_quantizer"
     install(site, "testquant", QUANTIZERS)  # a package installed while the worker waits
     assert worker.find_quantizer("copy").version == "1.2"
     assert worker.quantizer_plugins() is not first

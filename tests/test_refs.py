@@ -133,9 +133,10 @@ REFUSED = [
     ("https://h_o_s_t/x.gguf", "no valid host"),
     ("https://user:secret@h/x.gguf", "credentials"),
     ("https://token@h/x.gguf", "credentials"),
-    ("ftp://h/x.gguf", "unknown scheme"),
-    ("file:///etc/x.gguf", "unknown scheme"),
-    ("s3://bucket/x.gguf", "unknown scheme"),
+    ("file:///etc/x.gguf", "path part ''"),
+    ("S3://bucket/x.gguf", "unknown scheme"),
+    ("s3://bucket/../x.gguf", "path part '..'"),
+    ("s3://bucket/x:Q4/0", "tag 'Q4/0'"),
     ("hf.co/a/b/c", "expected hf.co/OWNER/REPO"),
     ("hf.co/a", "expected hf.co/OWNER/REPO"),
     ("hf.co/a/", "repo ''"),
@@ -162,6 +163,19 @@ def test_refused(typed: str, message: str) -> None:
     assert message in e.value.message
     assert e.value.code == "bad_ref"
     assert len(e.value.message) < 400  # a long reference is shown cut short
+
+
+@pytest.mark.parametrize(("typed", "name", "quant"), [
+    ("s3://bucket/x.gguf", "bucket/x.gguf", None),
+    ("ftp://h/models/tiny:Q8_0", "h/models/tiny", "Q8_0"),
+])
+def test_a_scheme_of_a_source_plugin_parses_generically(typed: str, name: str,
+                                                         quant: str | None) -> None:
+    """A scheme qmgr does not know is a source plugin's to own (the puller asks which
+    plugin does, and fails with ``no_source`` when none: tests/test_plugin_contracts.py)."""
+    ref = parse(typed)
+    assert (ref.kind, ref.name, ref.quant) == (typed.split("://")[0], name, quant)
+    assert ref.canonical == typed
 
 
 @pytest.mark.parametrize("typed", CONTROL, ids=[repr(c) for c in CONTROL])

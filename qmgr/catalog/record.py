@@ -1,6 +1,6 @@
 """Recording verified files as a variant: the one way every path into the catalog (pull,
 import, a watched folder, quantize) makes a variant ready, in one transaction with its blobs
-and attachments."""
+and attachments; and the one way variants leave it (:func:`remove_variants`)."""
 
 from __future__ import annotations
 
@@ -114,6 +114,34 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
         log.info("cataloged %s:%s (%s, %d bytes)", model.name, variant.tag, source_ref,
                  variant.size)
         return queries.variant_dict(variant), True
+
+
+def remove_variants(catalog: Catalog, ref: str, every: bool = False) -> dict[str, list[str]]:
+    """Remove the variant ``ref`` names (``every``: all it matches, the variants of a model),
+    with the blobs no other variant uses and the models left empty. Store files of those
+    blobs are deleted; files imported in place never are."""
+    deleted_files: list[str] = []
+    with catalog.writing() as session:
+        found = queries.resolve(session, ref) if every else [queries.resolve_one(session, ref)]
+        removed = [f"{v.model.name}:{v.tag}" for v in found]
+        blobs = queries.blobs_only_used_by(session, found)
+        models = {v.model for v in found}
+        for v in found:
+            session.delete(v)
+        session.flush()
+        for blob in blobs:
+            if blob.in_store:
+                deleted_files.append(blob.path)
+            session.delete(blob)
+        for m in models:
+            session.refresh(m)
+            if not m.variants:
+                session.delete(m)
+    # Rows first, files after the commit: a crash in between leaves an orphan blob that
+    # recovery keeps or quarantines, never a row without its file.
+    for path in deleted_files:
+        Path(path).unlink(missing_ok=True)
+    return {"removed": removed, "deleted_files": deleted_files}
 
 
 def _attach(session: Any, variant: Variant, attachments: list[AttachedFile],

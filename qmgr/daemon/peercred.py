@@ -2,6 +2,7 @@
 
 uvicorn puts the peer's address in the ASGI scope's ``client``; a Unix socket has none, so this
 protocol puts ``("uid=U,gid=G", pid)`` there instead, read once per connection from the kernel.
+:func:`qmgr.work.access.caller` reads it back for the handlers.
 """
 
 from __future__ import annotations
@@ -24,11 +25,3 @@ class PeerCredProtocol(H11Protocol):
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
             )
             self.client = (f"uid={uid},gid={gid}", pid)
-
-
-def caller(scope_client: Any) -> dict[str, int] | None:
-    """The caller's {"uid", "gid", "pid"} from a request's ``client``, if it came that way."""
-    if not scope_client or not str(scope_client[0]).startswith("uid="):
-        return None
-    fields = dict(part.split("=") for part in scope_client[0].split(","))
-    return {"uid": int(fields["uid"]), "gid": int(fields["gid"]), "pid": int(scope_client[1])}

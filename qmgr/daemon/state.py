@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Any
 
 from qmgr.catalog.db import Catalog
 from qmgr.daemon.recovery import Report, reconcile
 from qmgr.plugins import PluginSet
-from qmgr.settings import Settings
+from qmgr.settings import Settings, knob
 from qmgr.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,14 +23,12 @@ class Daemon:
         from qmgr.fetch.fitting import Fitter
         from qmgr.fetch.pull import Puller
         from qmgr.quantize.job import Quantizing
+        from qmgr.run.loading import Running
         from qmgr.run.manager import ModelManager
-        from qmgr.run.service import Running
         from qmgr.work.jobs import JobRunner
 
         self.settings = settings
         self.started = time.monotonic()
-        # Answers cached against the catalog's generation (see Catalog.generation).
-        self.cache: dict[str, tuple[int, Any]] = {}
         settings.home.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.store = Store(settings.store)
         self.store.create()
@@ -50,7 +46,7 @@ class Daemon:
         self.quantizing = Quantizing(self.catalog, self.store)
         self.jobs.register("quantize", self.quantizing.run)
         self.jobs.register("imatrix", self.quantizing.run_imatrix)
-        keep_alive = float(os.environ.get("QMGR_KEEP_ALIVE", 300))
+        keep_alive = knob("QMGR_KEEP_ALIVE")
         self.models = ModelManager(keep_alive)
         self.running = Running(self.catalog, self.fitter.hardware, self.plugins.backends,
                                self.models)

@@ -27,7 +27,7 @@ from qmgr.errors import QmgrError
 from qmgr.eval import read_text
 from qmgr.fit.hardware import Snapshot
 from qmgr.run.crash import crash_error
-from qmgr.run.service import Running, check_ctx
+from qmgr.run.loading import Running, check_ctx
 from qmgr.work.jobs import JobHandle, run_worker
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from qmgr.catalog.models import Alias
-from qmgr.catalog.queries import alias_target
-from qmgr.errors import NotFound
+from qmgr.catalog.queries import alias_target, resolve_one
+from qmgr.errors import NotFound, QmgrError
 from qmgr.refs import BUILTIN_ALIASES, Reference, parse
 
 lookup = alias_target  # what a short name stands for
@@ -41,3 +41,30 @@ def all_aliases(session: Session) -> list[dict[str, str | bool]]:
     names = sorted({*BUILTIN_ALIASES, *users})
     return [{"name": n, "reference": users.get(n) or BUILTIN_ALIASES[n], "builtin": n not in users}
             for n in names]
+
+
+def set_alias(session: Session, name: str, target: str) -> dict[str, str]:
+    """Add or replace the user alias ``name``, a plain name. A target that is not a
+    repository is a cataloged variant (llama3:Q4_K_M), kept by its catalog name."""
+    typed = parse(name)
+    if typed.kind != "alias" or typed.quant:
+        raise QmgrError(f"alias name {name!r} must be a plain name (no ':' or '/')",
+                        code="bad_name")
+    if parse(target).kind == "alias":
+        found = resolve_one(session, target)
+        target = f"{found.model.name}:{found.tag}"
+        if target.partition(":")[0] == typed.name:
+            raise QmgrError(f"{name!r} is that model's own name already", code="bad_name")
+    alias = session.scalar(select(Alias).where(Alias.name == typed.name))
+    if alias is None:
+        session.add(Alias(name=typed.name, reference=target))
+    else:
+        alias.reference = target
+    return {"name": typed.name, "reference": target}
+
+
+def remove_alias(session: Session, name: str) -> None:
+    alias = session.scalar(select(Alias).where(Alias.name == name))
+    if alias is None:
+        raise NotFound(f"no user alias {name!r} (built-in names cannot be removed)")
+    session.delete(alias)

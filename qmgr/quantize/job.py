@@ -49,7 +49,9 @@ DEFAULT_QUANTIZER = "llama.cpp"
 
 
 @dataclass
-class Source:
+class Parent:
+    """The cataloged variant a quantization or an importance matrix starts from."""
+
     variant_id: int
     model: str
     ref: str
@@ -66,7 +68,7 @@ class Quantizing:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def source(self, ref: str) -> Source:
+    def parent(self, ref: str) -> Parent:
         with self.catalog.reading() as session:
             v = queries.resolve_one(session, ref)
             if v.state != VariantState.READY:
@@ -76,7 +78,7 @@ class Quantizing:
                 raise QmgrError(f"{v.model.name}:{v.tag} is split in {len(v.files)} shards; "
                                 "quantizing split models is not supported yet",
                                 code="unsupported_source")
-            return Source(v.id, v.model.name, f"{v.model.name}:{v.tag}",
+            return Parent(v.id, v.model.name, f"{v.model.name}:{v.tag}",
                           Path(v.files[0].blob.path), v.sha256, dict(v.facts or {}))
 
     def imatrix_for(self, model: str, spec: str | None) -> tuple[Path, str] | None:
@@ -137,7 +139,7 @@ class Quantizing:
 
     def run(self, handle: JobHandle) -> dict[str, Any]:
         args = handle.arguments
-        src = self.source(args["ref"])
+        src = self.parent(args["ref"])
         quantizer = args.get("quantizer") or DEFAULT_QUANTIZER
         options = QuantizeOptions.from_dict(dict(args.get("options") or {}))
         matrix = self.imatrix_for(src.model, args.get("imatrix"))
@@ -192,7 +194,7 @@ class Quantizing:
 
     def run_imatrix(self, handle: JobHandle) -> dict[str, Any]:
         args = handle.arguments
-        src = self.source(args["ref"])
+        src = self.parent(args["ref"])
         text = Path(args["text"])
         text_digest = hash_file(text)[0]
         partial = self.store.new_partial()

@@ -39,10 +39,10 @@ def routes(quantizing: Quantizing, plugins: PluginSet, jobs: JobRunner) -> list[
             QuantizeOptions.from_dict(dict(body.get("options") or {}))
         except (TypeError, ValueError) as e:
             raise QmgrError(str(e), code="bad_option") from e
-        quantizing.source(body["ref"])  # a missing or unready source fails before a job exists
+        quantizing.parent(body["ref"])  # a missing or unready parent fails before a job exists
         quantizer = body.get("quantizer")
         if quantizer is not None:
-            plugins.find("register_quantizers", quantizer, "quantizer")  # 404 before a job
+            plugins.find("register_quantizers", quantizer)  # 404 before a job
         return jobs.submit("quantize", {
             "ref": body["ref"], "targets": [t.upper() for t in body["targets"]],
             "quantizer": quantizer, "imatrix": body.get("imatrix"),
@@ -72,7 +72,7 @@ def routes(quantizing: Quantizing, plugins: PluginSet, jobs: JobRunner) -> list[
         if not Path(text).is_absolute() or not Path(text).is_file():
             raise QmgrError("give 'ref' and 'text', the absolute path of a calibration text "
                             "file", code="bad_request")
-        quantizing.source(body["ref"])
+        quantizing.parent(body["ref"])
         return jobs.submit("imatrix", {"ref": body["ref"], "text": text,
                                        "n_ctx": body.get("n_ctx"),
                                        "quantizer": body.get("quantizer")})

@@ -10,8 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.errors import QmgrError
+from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
-from qmgr.run.service import Running
 from qmgr.work.api import NDJSON, Call, Endpoint, Table
 
 GENERATE_BODY = {

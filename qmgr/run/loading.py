@@ -1,4 +1,5 @@
-"""``qmgr run``/``chat``: a cataloged variant, placed by the fit estimator, in a runner."""
+"""Loading a cataloged variant into a runner (``qmgr run``/``chat``, ``qmgr bench``/``eval``):
+its checks, its placement by the fit estimator, the backend that runs it."""
 
 from __future__ import annotations
 
