@@ -66,7 +66,7 @@ CODES: dict[str, tuple[int, str]] = {
     "bad_target": (400, "a quant type the quantizer does not make"),
     "bad_option": (400, "a quantize option the quantizer does not take, or a bad value"),
     "requantize_refused": (409, "the source is already quantized (allow_requantize)"),
-    "unsupported_source": (422, "a source file the quantizer cannot read (split, big-endian)"),
+    "unsupported_file": (422, "a file the quantizer cannot read (split, big-endian)"),
     "imatrix_required": (409, "the target type needs an importance matrix"),
     "imatrix_failed": (422, "computing an importance matrix failed"),
     "imatrix_invalid": (422, "an importance matrix file that does not parse"),

@@ -214,7 +214,7 @@ class PluginSet:
                 self.registries[hook_name] = self.collect(hook_name)
             return self.registries[hook_name]
 
-    def find(self, hook_name: str, name: str) -> Any:
+    def find(self, hook_name: str, name: str) -> object:
         """The object a plugin registered through ``hook_name`` under ``name``; else an error
         that lists what is installed."""
         found = self.registered(hook_name)

@@ -95,3 +95,12 @@ def test_dependencies_run_one_way() -> None:
         f"{m} -> {d}" for s, d, m in sorted(edges) if (s, d) in new)
     paid = sorted(set(DEBT) - broken)
     assert not paid, f"no longer imported, remove from DEBT: {paid}"
+
+
+def test_the_public_plugin_module_exports_what_it_says() -> None:
+    """Every name of ``qmgr.plugin`` resolves, and ``__all__`` is what the lazy table serves."""
+    import qmgr.plugin as public
+
+    assert set(public.__all__) == {"hookimpl", *public._EXPORTS}
+    for name in public.__all__:
+        assert getattr(public, name) is not None, name

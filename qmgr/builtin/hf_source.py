@@ -25,6 +25,7 @@ from qmgr.plugin import (
     SHA256_RE,
     FetchContext,
     Listing,
+    NotFound,
     QmgrError,
     Reference,
     RemoteFile,
@@ -145,8 +146,7 @@ class HuggingFaceSource:
         if ref.file and not listing.variants:
             left_out = next((s for s in listing.skipped if s.name == ref.file), None)
             why = f": {left_out.why}" if left_out else ""
-            raise QmgrError(f"hf://{ref.name} has no usable GGUF file {ref.file!r}{why}",
-                            code="not_found")
+            raise NotFound(f"hf://{ref.name} has no usable GGUF file {ref.file!r}{why}")
         return listing
 
     def _file(self, ref: Reference, endpoint: str, revision: str, path: str, e: dict,

@@ -55,7 +55,7 @@ from qmgr.plugin import (
     float_rows,
     is_weight,
     new_writer,
-    read_source,
+    read_gguf,
     write_header,
 )
 
@@ -135,7 +135,7 @@ class NumpyQuantizer:
         # supported_options.
         qtype, file_type = TARGETS[job.target]
         job.progress(None, f"reading {job.src.name}")  # a big vocabulary takes seconds
-        reader = read_source(job.src, "the numpy quantizer")
+        reader = read_gguf(job.src, "the numpy quantizer")
         plan = [(t, self._quantizes(t, job)) for t in reader.tensors]
         requantized = sorted({t.tensor_type.name for t, quantize in plan
                               if quantize and t.tensor_type not in FLOAT_TYPES})

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from qmgr import gguf
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
@@ -144,7 +146,7 @@ def remove_variants(catalog: Catalog, ref: str, every: bool = False) -> dict[str
     return {"removed": removed, "deleted_files": deleted_files}
 
 
-def _attach(session: Any, variant: Variant, attachments: list[AttachedFile],
+def _attach(session: Session, variant: Variant, attachments: list[AttachedFile],
             in_store: bool) -> None:
     """Record (or replace) a variant's attachments, one per kind."""
     for f in attachments:

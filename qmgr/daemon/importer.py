@@ -18,7 +18,7 @@ from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Origin
 from qmgr.catalog.record import ShardFile, combined_facts, record_variant
-from qmgr.errors import GGUFError, QmgrError
+from qmgr.errors import GGUFError, NotFound, QmgrError
 from qmgr.gguf.names import SHARD_RE, strip_quant_suffix
 from qmgr.store import Store, hash_file, identity
 
@@ -47,7 +47,7 @@ def check_file(path: Path) -> Path:
     if not path.is_absolute():
         raise QmgrError(f"path must be absolute: {path}", code="bad_path")
     if not path.exists():
-        raise QmgrError(f"no such file: {path}", code="not_found")
+        raise NotFound(f"no such file: {path}")
     if not path.is_file():
         raise QmgrError(f"not a regular file: {path}", code="bad_path")
     if not os.access(path, os.R_OK):

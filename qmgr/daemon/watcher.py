@@ -27,7 +27,7 @@ from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Blob, VariantState, WatchedFolder
 from qmgr.daemon.importer import BAD_NAME_RE, catalog_file
-from qmgr.errors import QmgrError
+from qmgr.errors import NotFound, QmgrError
 from qmgr.store import Store
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Watcher:
         with self.catalog.writing() as session:
             row = session.scalar(select(WatchedFolder).where(WatchedFolder.path == real))
             if row is None:
-                raise QmgrError(f"not watching {folder}", code="not_found")
+                raise NotFound(f"not watching {folder}")
             session.delete(row)
         with self.lock:
             watch = self.watches.pop(real, None)

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Eval, Model, Variant, VariantState
-from qmgr.errors import QmgrError
+from qmgr.errors import NotFound, QmgrError
 from qmgr.eval import read_text
 from qmgr.fit.hardware import Snapshot
 from qmgr.run.crash import crash_error
@@ -63,8 +63,8 @@ class Measuring:
                 by_tag = {v.tag.upper(): v for v in ready}
                 missing = [t for t in tags if t.upper() not in by_tag]
                 if missing:
-                    raise QmgrError(f"{name} has no ready variant {', '.join(missing)} (see "
-                                    "`qmgr list`)", code="not_found")
+                    raise NotFound(f"{name} has no ready variant {', '.join(missing)} (see "
+                                    "`qmgr list`)")
                 ready = [by_tag[t.upper()] for t in tags]
             elif ":" in ref:
                 ready = [queries.resolve_one(session, ref)]

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from qmgr import gguf
 from qmgr.catalog.models import Eval, Model, Variant
-from qmgr.errors import QmgrError
+from qmgr.errors import NotFound, QmgrError
 from qmgr.fetch import aliases
 from qmgr.fetch.pull import Puller
 from qmgr.fetch.remote_header import RangeReader
@@ -196,8 +196,7 @@ class Fitter:
         if typed.kind == "alias" and (not is_alias or (cataloged and not req.remote)):
             candidates = self.local_candidates(typed.name)
             if not candidates:
-                raise QmgrError(f"{req.ref!r} is neither a known model name nor cataloged",
-                                code="not_found")
+                raise NotFound(f"{req.ref!r} is neither a known model name nor cataloged")
             where, header_bytes, model = f"catalog:{typed.name}", 0, typed.name
         else:
             where, pairs, header_bytes = self.remote_candidates(req.ref, req.insecure)

@@ -27,7 +27,7 @@ from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Blob, Origin, Variant, VariantState
 from qmgr.catalog.record import AttachedFile, ShardFile, combined_facts, record_variant
-from qmgr.errors import GGUFError, QmgrError
+from qmgr.errors import GGUFError, NotFound, QmgrError
 from qmgr.fetch import aliases
 from qmgr.fetch.download import Cancelled, Download, Options
 from qmgr.plugin.http import Busy, make_client
@@ -150,7 +150,7 @@ class Puller:
         if not offered:
             why = f" (refused: {'; '.join(f'{s.name}: {s.why}' for s in refused)})" \
                 if refused else ""
-            raise QmgrError(f"{ref.canonical} offers no GGUF model files{why}", code="not_found")
+            raise NotFound(f"{ref.canonical} offers no GGUF model files{why}")
         if ref.kind in ("url", "ollama") or ref.file:
             return offered[0]
         names = ", ".join(sorted({v.quant or "?" for v in offered}))
@@ -168,8 +168,7 @@ class Puller:
                 raise QmgrError(f"{ref.canonical}: the registry's listing of the {ref.quant} file "
                                 f"cannot be trusted: {bad[0].name}: {bad[0].why}",
                                 code="bad_registry")
-            raise QmgrError(f"{ref.canonical} has no {ref.quant} variant; it offers: {names}",
-                            code="not_found")
+            raise NotFound(f"{ref.canonical} has no {ref.quant} variant; it offers: {names}")
         if len(offered) == 1:
             return offered[0]
         for v in offered:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pluggy
 
-    from qmgr.errors import GGUFError, QmgrError
+    from qmgr.errors import GGUFError, NotFound, QmgrError
     from qmgr.fit.hardware import Device, Probe
     from qmgr.gguf.facts import ModelFacts, facts_from_header
     from qmgr.gguf.names import file_kind, model_name_from, quant_from_name, strip_quant_suffix
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
         QuantizeOptions,
         Quantizer,
     )
-    from qmgr.plugin.rewrite import float_rows, is_weight, new_writer, read_source, write_header
+    from qmgr.plugin.rewrite import float_rows, is_weight, new_writer, read_gguf, write_header
     from qmgr.plugin.source import (
         FetchContext,
         Listing,
@@ -77,7 +77,8 @@ if TYPE_CHECKING:
 # name -> the module it comes from
 _EXPORTS = {
     # errors every plugin may raise, and qmgr's QMGR_* settings (settings.KNOBS)
-    "QmgrError": "qmgr.errors", "GGUFError": "qmgr.errors", "knob": "qmgr.settings",
+    "QmgrError": "qmgr.errors", "GGUFError": "qmgr.errors", "NotFound": "qmgr.errors",
+    "knob": "qmgr.settings",
     # sources
     "Source": "qmgr.plugin.source", "FetchContext": "qmgr.plugin.source",
     "RemoteFile": "qmgr.plugin.source", "RemoteVariant": "qmgr.plugin.source",
@@ -94,7 +95,7 @@ _EXPORTS = {
     "Quantizer": "qmgr.plugin.quantizer", "QuantizeJob": "qmgr.plugin.quantizer",
     "QuantizeOptions": "qmgr.plugin.quantizer", "QuantizeError": "qmgr.plugin.quantizer",
     "ImatrixMaker": "qmgr.plugin.quantizer", "ImatrixJob": "qmgr.plugin.quantizer",
-    "read_source": "qmgr.plugin.rewrite", "new_writer": "qmgr.plugin.rewrite",
+    "read_gguf": "qmgr.plugin.rewrite", "new_writer": "qmgr.plugin.rewrite",
     "write_header": "qmgr.plugin.rewrite", "float_rows": "qmgr.plugin.rewrite",
     "is_weight": "qmgr.plugin.rewrite",
     "read_header": "qmgr.gguf.reader", "read_header_from": "qmgr.gguf.reader",
@@ -112,16 +113,15 @@ _EXPORTS = {
 }
 
 __all__ = [  # what `from qmgr.plugin import *` gives: every name in _EXPORTS, and hookimpl
-    "hookimpl", "QmgrError", "GGUFError", "knob", "Source", "FetchContext", "RemoteFile",
-    "RemoteVariant",
-    "Listing", "Skipped", "group_gguf_files", "preferred_projector", "Reference",
-    "registry_path_problem", "SHA256_RE", "check_digest", "FetchError", "get_json", "next_link",
-    "redact", "request", "file_kind", "model_name_from", "quant_from_name", "strip_quant_suffix",
-    "Quantizer", "QuantizeJob", "QuantizeOptions", "QuantizeError", "ImatrixMaker", "ImatrixJob",
-    "read_source", "new_writer", "write_header", "float_rows", "is_weight", "read_header",
-    "read_header_from", "GGUFHeader", "ModelFacts", "facts_from_header", "GGML_TYPES",
-    "GGML_TYPES_BY_NAME", "LLAMA_FILE_TYPES", "Probe", "Device", "Backend", "Session",
-    "LoadOptions", "GenParams", "Piece", "Scores", "Refusal", "log_softmax",
+    "hookimpl", "QmgrError", "GGUFError", "NotFound", "knob", "Source", "FetchContext",
+    "RemoteFile", "RemoteVariant", "Listing", "Skipped", "group_gguf_files", "preferred_projector",
+    "Reference", "registry_path_problem", "SHA256_RE", "check_digest", "FetchError", "get_json",
+    "next_link", "redact", "request", "file_kind", "model_name_from", "quant_from_name",
+    "strip_quant_suffix", "Quantizer", "QuantizeJob", "QuantizeOptions", "QuantizeError",
+    "ImatrixMaker", "ImatrixJob", "read_gguf", "new_writer", "write_header", "float_rows",
+    "is_weight", "read_header", "read_header_from", "GGUFHeader", "ModelFacts",
+    "facts_from_header", "GGML_TYPES", "GGML_TYPES_BY_NAME", "LLAMA_FILE_TYPES", "Probe", "Device",
+    "Backend", "Session", "LoadOptions", "GenParams", "Piece", "Scores", "Refusal", "log_softmax",
 ]
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from qmgr import __version__
-from qmgr.errors import QmgrError
+from qmgr.errors import NotFound, QmgrError
 from qmgr.refs import CONTROL_RE, redact_url
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def get_json(client: httpx.Client, url: str, headers: dict[str, str] | None = No
             raise QmgrError(f"{redact(url)}: access denied ({r.status_code}); for a gated "
                             "repository set HF_TOKEN", code="unauthorized")
         if r.status_code == 404:
-            raise QmgrError(f"{redact(url)}: not found", code="not_found")
+            raise NotFound(f"{redact(url)}: not found")
         if r.status_code == 503 and "retry-after" in r.headers:
             raise Busy(f"{redact(url)}: {_said(r) or 'busy'}", _seconds(r.headers["retry-after"]))
         if r.status_code >= 400:

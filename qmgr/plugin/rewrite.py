@@ -22,21 +22,21 @@ CHUNK_VALUES = 1 << 22
 BLOCK = 32  # values per block of the legacy quants (Q4_0, Q8_0...)
 
 
-def read_source(src: Path, who: str) -> GGUFReader:
+def read_gguf(src: Path, who: str) -> GGUFReader:
     """``src`` opened with the ``gguf`` package's reader (a memory map), refused with a clear
-    :class:`QuantizeError` (code ``unsupported_source``) when it is big-endian, has no
+    :class:`QuantizeError` (code ``unsupported_file``) when it is big-endian, has no
     architecture, or is one shard of a split model. ``who`` names the quantizer in errors."""
     from gguf import GGUFEndian, GGUFReader, Keys
 
     reader = GGUFReader(src)
     if reader.endianess != GGUFEndian.LITTLE:
-        raise QuantizeError(f"{src.name} is a big-endian GGUF file", code="unsupported_source")
+        raise QuantizeError(f"{src.name} is a big-endian GGUF file", code="unsupported_file")
     if Keys.General.ARCHITECTURE not in reader.fields:
-        raise QuantizeError(f"{src.name} has no general.architecture", code="unsupported_source")
+        raise QuantizeError(f"{src.name} has no general.architecture", code="unsupported_file")
     split = reader.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
     if split is not None and split.contents() > 1:
         raise QuantizeError(f"{src.name} is one shard of a split model; {who} reads single "
-                            "files", code="unsupported_source")
+                            "files", code="unsupported_file")
     return reader
 
 

@@ -23,7 +23,7 @@ from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Imatrix, Model, Origin, Variant, VariantState
 from qmgr.catalog.record import ShardFile, combined_facts, record_variant
-from qmgr.errors import GGUFError, QmgrError
+from qmgr.errors import GGUFError, NotFound, QmgrError
 from qmgr.plugin.quantizer import QuantizeOptions
 from qmgr.store import Store, fsync_dir, hash_file
 from qmgr.work.jobs import JobHandle, run_worker
@@ -77,7 +77,7 @@ class Quantizing:
             if len(v.files) != 1:
                 raise QmgrError(f"{v.model.name}:{v.tag} is split in {len(v.files)} shards; "
                                 "quantizing split models is not supported yet",
-                                code="unsupported_source")
+                                code="unsupported_file")
             return Parent(v.id, v.model.name, f"{v.model.name}:{v.tag}",
                           Path(v.files[0].blob.path), v.sha256, dict(v.facts or {}))
 
@@ -92,16 +92,15 @@ class Quantizing:
                 row = session.scalar(query.where(Model.name == model).order_by(
                     Imatrix.id.desc()))
                 if row is None:
-                    raise QmgrError(f"no importance matrix for {model} yet: make one with "
-                                    f"`qmgr imatrix {model}:TAG --text FILE`", code="not_found")
+                    raise NotFound(f"no importance matrix for {model} yet: make one with "
+                                    f"`qmgr imatrix {model}:TAG --text FILE`")
                 return Path(row.path), row.sha256
             row = session.scalar(select(Imatrix).where(Imatrix.sha256.startswith(spec.lower())))
             if row is not None:
                 return Path(row.path), row.sha256
         path = Path(spec)
         if not path.is_absolute() or not path.is_file():
-            raise QmgrError(f"--imatrix {spec!r}: neither a computed matrix nor a file",
-                            code="not_found")
+            raise NotFound(f"--imatrix {spec!r}: neither a computed matrix nor a file")
         return path, hash_file(path)[0]
 
     def run_worker(self, handle: JobHandle, request: dict[str, Any], label: str,

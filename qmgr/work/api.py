@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from qmgr.errors import QmgrError, as_qmgr_error
+from qmgr.errors import NotFound, QmgrError, as_qmgr_error
 from qmgr.work.access import Caller, caller, check_caller, client_env
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ def check_path_params(request: Request) -> None:
     encoded)."""
     for key, value in request.path_params.items():
         if isinstance(value, int) and not 0 <= value < 1 << 63:
-            raise QmgrError(f"no such {key}: {value}", code="not_found")
+            raise NotFound(f"no such {key}: {value}")
         if isinstance(value, str):
             if len(value) > 4096:
                 raise QmgrError(f"{key} is longer than 4096 characters", code="bad_request")

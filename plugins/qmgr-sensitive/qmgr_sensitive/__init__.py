@@ -30,7 +30,7 @@ from qmgr.plugin import (
     hookimpl,
     is_weight,
     new_writer,
-    read_source,
+    read_gguf,
     write_header,
 )
 
@@ -57,7 +57,7 @@ class SensitiveQuantizer:
 
     def quantize(self, job: QuantizeJob) -> dict[str, Any]:
         job.progress(None, f"reading {job.src.name}")
-        reader = read_source(job.src, "qmgr-sensitive")
+        reader = read_gguf(job.src, "qmgr-sensitive")
         weights = [t for t in reader.tensors if is_weight(t)]
         quantized = sorted({t.tensor_type.name for t in weights
                             if t.tensor_type not in FLOAT_TYPES})
