@@ -18,8 +18,9 @@ CODES: dict[str, tuple[int, str]] = {
     "no_route": (404, "no such API endpoint"),
     "method_not_allowed": (405, "the endpoint does not take that method"),
     "http_error": (400, "another HTTP-level refusal (sent with the status it had)"),
-    "forbidden": (403, "the caller may not do this (another user's files, or daemon)"),
-    "unauthorized": (403, "the caller may not read a path it named"),
+    "forbidden": (403, "the caller may not do this, or not name that path (another user's "
+                  "files, or daemon)"),
+    "unauthorized": (403, "the registry refused the credentials (401/403)"),
     "env_differs": (409, "the client's QMGR_HOME is not this daemon's"),
     "bad_config": (400, "a setting (QMGR_* variable, config file) that does not parse"),
     # names and references
@@ -46,7 +47,7 @@ CODES: dict[str, tuple[int, str]] = {
     "bad_digest": (400, "a digest that is not a sha256 (64 hex digits)"),
     "file_changed": (409, "the remote file changed during a resumed download"),
     "too_slow": (502, "a download slower than QMGR_MIN_SPEED for a whole stall window"),
-    "missing_shards": (502, "a split model whose shards are not all there"),
+    "missing_shards": (422, "a split model whose shards are not all there"),
     "not_first_shard": (400, "a shard other than the first named as a model"),
     "gguf_invalid": (422, "a file that is not a GGUF file qmgr can read"),
     "no_space": (507, "the disk (or the catalog's database) is full"),
@@ -57,7 +58,8 @@ CODES: dict[str, tuple[int, str]] = {
     "ctx_too_large": (400, "a context larger than the model was trained for"),
     # plugins
     "no_quantizer": (404, "no installed quantizer of that name"),
-    "no_backend": (409, "no installed backend can run the model (or none of that name)"),
+    "no_backend": (404, "no installed backend of that name (or none at all)"),
+    "cannot_run": (409, "no installed backend can run the model: each one's reason"),
     "no_probe": (404, "no installed probe of that name"),
     "quantizer_unavailable": (409, "the quantizer cannot run here (its library is missing)"),
     "broken_install": (500, "a package qmgr needs is installed but broken"),
@@ -76,6 +78,8 @@ CODES: dict[str, tuple[int, str]] = {
     "load_failed": (500, "the backend could not load the model"),
     "backend_failed": (500, "the backend failed while answering"),
     "runner_died": (500, "the runner process died"),
+    "backend_crashed": (500, "the engine's process was killed by a signal (a build for another "
+                        "CPU, the out-of-memory killer)"),
     "no_chat_template": (409, "a chat with a model whose file has no chat template"),
     "eval_failed": (422, "an evaluation failed"),
     "tokenizer_mismatch": (409, "variants that tokenize differently: not one model"),

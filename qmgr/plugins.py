@@ -117,7 +117,9 @@ class PluginSet:
         # load_builtins may be a filter on module names: a worker that needs only quantizers
         # does not pay for importing the sources' HTTP stack.
         wanted = load_builtins if callable(load_builtins) else (lambda m: bool(load_builtins))
-        for module_name in (m for m in DEFAULT_PLUGINS if wanted(m)):
+        # pluggy calls the last registered first: register the built-ins backwards so their
+        # objects come in DEFAULT_PLUGINS' order (the CPU probe first), entry points before.
+        for module_name in (m for m in reversed(DEFAULT_PLUGINS) if wanted(m)):
             name = module_name.rsplit(".", 1)[-1]
             if name not in self.disabled:
                 self._load(name, qmgr.__version__, True,
@@ -249,6 +251,15 @@ class PluginSet:
                 self._failed(self.info[culprit], f"{hook_name} (a wrapper) raised {detail}")
             else:
                 log.warning("%s raised %s", hook_name, detail)
+            # A wrapper that raised before its yield ran none of the others: run them without
+            # the wrappers, in pluggy's order, so one broken plugin costs only its own part.
+            collected = []
+            for info in self.info.values():
+                info.provides = [p for p in info.provides if not p.startswith(f"{kind}:")]
+            for impl in reversed(caller.get_hookimpls()):
+                if not (impl.hookwrapper or impl.wrapper):
+                    impl.function(*(collected.append if a == "register" else None
+                                    for a in impl.argnames))
         return collected
 
     def sources(self) -> list[Source]:

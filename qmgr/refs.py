@@ -185,6 +185,8 @@ def parse(ref: str) -> Reference:
 
 
 SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,31}$")
+# Kinds of qmgr's own references, never a plugin's scheme (``url://x`` is no URL reference).
+RESERVED_KINDS = frozenset({"alias", "hf", "ollama", "url", "http", "https", "file"})
 
 
 def _parse_scheme(ref: str) -> Reference:
@@ -192,7 +194,7 @@ def _parse_scheme(ref: str) -> Reference:
     safe name. Whether a source owns the scheme is the puller's question (``no_source``
     names those installed); a source may parse its references more strictly itself."""
     scheme, _, rest = ref.partition("://")
-    if not SCHEME_RE.match(scheme):
+    if not SCHEME_RE.match(scheme) or scheme in RESERVED_KINDS:
         raise _bad(ref, "unknown scheme (use hf.co/, hf://, ollama:// or https://)")
     path, _, quant = rest.partition(":")
     parts = path.split("/")

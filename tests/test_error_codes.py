@@ -33,7 +33,8 @@ def constants(node: ast.expr) -> list[str]:
 
 
 def used_codes() -> dict[str, list[str]]:
-    """code -> where it is raised (``code="..."`` arguments and ``code = "..."`` in classes)."""
+    """code -> where it is raised (``code="..."`` arguments, ``code = "..."`` in classes,
+    ``CODE = "..."`` constants)."""
     used: dict[str, list[str]] = {}
     for path in sources():
         for node in ast.walk(ast.parse(path.read_text())):
@@ -44,6 +45,10 @@ def used_codes() -> dict[str, list[str]]:
                 name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
                 if name.endswith("error_response") and node.args:  # (code, message, status)
                     found += constants(node.args[0])
+            elif isinstance(node, ast.Assign) and any(
+                    isinstance(t, ast.Name) and (t.id == "CODE" or t.id.endswith("_CODE"))
+                    for t in node.targets):  # a module's own constant (run/crash.py: CODE)
+                found = constants(node.value)
             elif isinstance(node, ast.ClassDef):
                 found = [c for stmt in node.body if isinstance(stmt, ast.Assign)
                          and any(isinstance(t, ast.Name) and t.id == "code"

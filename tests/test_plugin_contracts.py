@@ -195,6 +195,16 @@ def test_a_source_owns_its_scheme(world: Env) -> None:
     # The source's own parse refuses what qmgr's generic rules would let through.
     r = world.qmgr("pull", "shelf://ti-ny:Q8_0", check=False)
     assert r.returncode == 1 and "a shelf name is letters and digits" in r.stderr, r.stderr
+    # An alias of a plugin's reference carries the quant asked for, and is parsed by the
+    # source that owns it.
+    world.qmgr("alias", "add", "onshelf", "shelf://tiny")
+    world.qmgr("rm", "tiny:Q8_0")
+    world.qmgr("pull", "onshelf:Q8_0", "-q")
+    [row] = world.json("list")
+    assert row["source_ref"] == "shelf://tiny:Q8_0", row
+    world.qmgr("alias", "add", "badshelf", "shelf://ti-ny")
+    r = world.qmgr("pull", "badshelf:Q8_0", check=False)
+    assert r.returncode == 1 and "a shelf name is letters and digits" in r.stderr, r.stderr
     # A scheme no installed source owns names the kinds that are.
     r = world.qmgr("pull", "crate://tiny:Q8_0", check=False)
     assert r.returncode == 1 and "no source plugin handles crate references" in r.stderr

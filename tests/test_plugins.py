@@ -244,6 +244,13 @@ class RaisingPlugin:
         raise KeyError("boom")
 
 
+class BrokenWrapperPlugin:
+    @hookimpl(wrapper=True)
+    def register_probes(self, register: Any) -> Iterator[None]:
+        raise RuntimeError("before its yield")
+        yield  # a generator: pluggy's wrapper protocol
+
+
 class RenamedPlugin:
     @hookimpl(specname="register_probes")
     def probes(self) -> None:  # fewer arguments than the spec: pluggy allows it
@@ -294,6 +301,30 @@ def test_a_plugin_that_raises_is_recorded_and_others_still_register(plugins: Plu
     finally:
         plugins.unregister("fake")
         plugins.unregister("raising")
+
+
+def test_a_wrapper_that_raises_before_its_yield_costs_only_itself(plugins: PluginSet) -> None:
+    before = probe_names(plugins)
+    plugins.register(BrokenWrapperPlugin(), name="wrapper")
+    try:
+        # pluggy runs no implementation when a wrapper fails before its yield: qmgr runs them
+        # again without the wrappers, and blames the one that failed.
+        assert probe_names(plugins) == before and "cpu" in before
+        described = {p["name"]: p for p in plugins.describe()}
+        assert described["wrapper"]["errors"] == [
+            "register_probes (a wrapper) raised RuntimeError: before its yield"]
+        assert described["cpu_probe"]["provides"] == ["probe:cpu"]
+    finally:
+        plugins.unregister("wrapper")
+
+
+def test_built_ins_come_in_their_declared_order(plugins: PluginSet) -> None:
+    """pluggy calls the last registered first; the built-ins are registered so that their
+    objects still come in DEFAULT_PLUGINS' order (the CPU probe first in `qmgr hw`)."""
+    for hook in ("sources", "quantizers", "probes", "backends"):
+        order = [type(o).__module__ for o in getattr(plugins, hook)()]
+        assert len(order) > 0 and order == [m for m in DEFAULT_PLUGINS if m in order], hook
+    assert [p.name for p in plugins.probes()][0] == "cpu"
 
 
 def test_invalid_plugin_objects_are_refused_with_a_reason(plugins: PluginSet) -> None:

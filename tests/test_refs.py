@@ -133,8 +133,11 @@ REFUSED = [
     ("https://h_o_s_t/x.gguf", "no valid host"),
     ("https://user:secret@h/x.gguf", "credentials"),
     ("https://token@h/x.gguf", "credentials"),
-    ("file:///etc/x.gguf", "path part ''"),
+    ("file:///etc/x.gguf", "unknown scheme"),
+    ("s3:///x.gguf", "path part ''"),
     ("S3://bucket/x.gguf", "unknown scheme"),
+    ("url://foo/bar", "unknown scheme"),  # qmgr's own kinds are no plugin's scheme
+    ("alias://llama:Q4_K_M", "unknown scheme"),
     ("s3://bucket/../x.gguf", "path part '..'"),
     ("s3://bucket/x:Q4/0", "tag 'Q4/0'"),
     ("hf.co/a/b/c", "expected hf.co/OWNER/REPO"),

@@ -33,6 +33,8 @@ def expand(session: Session, ref: Reference) -> Reference:
         elif expanded.kind == "ollama":
             expanded = Reference("ollama", target, expanded.name, quant=ref.quant,
                                  host=expanded.host)
+        elif expanded.kind not in ("hf", "url"):  # a source plugin's own scheme
+            expanded = Reference(expanded.kind, target, expanded.name, quant=ref.quant)
     return expanded
 
 

@@ -183,7 +183,7 @@ class Fitter:
                                             dict[str, RemoteVariant]]:
         """The decision for a reference, with the hardware it was made for."""
         snap = self.hardware(req.hw)
-        typed = parse(req.ref)
+        typed = self.puller.parse(req.ref)
         remote: dict[str, RemoteVariant] = {}
         with self.puller.catalog.reading() as session:
             target = aliases.lookup(session, typed.name) if typed.kind == "alias" else None

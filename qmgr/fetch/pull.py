@@ -41,6 +41,8 @@ from qmgr.work.jobs import JobHandle
 log = logging.getLogger(__name__)
 
 DEFAULT_QUANT = "Q4_K_M"
+# Kinds qmgr parses itself; any other is the scheme of a source plugin.
+BUILTIN_KINDS = frozenset({"alias", "hf", "ollama", "url"})
 
 
 @dataclass
@@ -80,17 +82,28 @@ class Puller:
         """(what the user typed, what it stands for)."""
         ref = self.parse(raw)
         with self.catalog.reading() as session:
-            return ref, aliases.expand(session, ref)
+            expanded = aliases.expand(session, ref)
+        if expanded is not ref and expanded.kind not in BUILTIN_KINDS:
+            expanded = self.parse(expanded.canonical)  # by the source that owns it, too
+        return ref, expanded
 
     def parse(self, raw: str) -> Reference:
         """A reference, parsed by the source that owns its scheme when that source says how
         (its ``parse``), else by qmgr's rules."""
         ref = parse(raw)
-        if ref.kind in ("alias", "hf", "ollama", "url"):
+        if ref.kind in BUILTIN_KINDS:
             return ref
-        own = getattr(self.source_for(ref), "parse", None)
+        source = self.source_for(ref)
+        own = getattr(source, "parse", None)
         if callable(own):
-            ref = own(raw)
+            try:
+                ref = own(raw)
+            except QmgrError:
+                raise
+            # A plugin's bug in parsing is its own, said as such, not the daemon's 500.
+            except Exception as e:
+                raise QmgrError(f"the {source.name} source failed to parse {raw!r}: "
+                                f"{type(e).__name__}: {e}", code="bad_source") from e
             if not isinstance(ref, Reference):
                 raise QmgrError(f"the source for {raw!r} parsed it into "
                                 f"{type(ref).__name__}, not a Reference", code="bad_source")

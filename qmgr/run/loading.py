@@ -48,8 +48,9 @@ def choose_backend(backends: list[Backend], facts: dict[str, Any], devices: list
     for backend in backends:
         if wanted is not None and backend.name != wanted:
             continue
+        can_run = getattr(backend, "can_run", None)  # without one: no objection
         try:
-            objection = backend.can_run(facts, devices)
+            objection = can_run(facts, devices) if callable(can_run) else None
         # A plugin's check is third-party code: its crash is a reason, not the daemon's.
         except Exception as e:
             objection = f"can_run raised {type(e).__name__}: {e}"
@@ -57,7 +58,7 @@ def choose_backend(backends: list[Backend], facts: dict[str, Any], devices: list
             return backend.name
         why[backend.name] = objection
     raise QmgrError("no installed backend can run this model: " + "; ".join(
-        f"{name}: {reason}" for name, reason in why.items()), code="no_backend")
+        f"{name}: {reason}" for name, reason in why.items()), code="cannot_run")
 
 
 class Running:
