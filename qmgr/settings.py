@@ -48,6 +48,8 @@ KNOBS = {k.name: k for k in (
     Knob("QMGR_LOG_LEVEL", "str", None, "the daemon's log level (config `log_level`)"),
     Knob("QMGR_HW", "str", None, "the devices to plan for, declared instead of probed "
          "(config `hw`)"),
+    Knob("QMGR_LISTEN", "str", None, "HOST:PORT of the Ollama/OpenAI API listener (config "
+         "`listen`)"),
     Knob("QMGR_PLUGINS", "list", None, "entry-point plugins to load; set but empty loads "
          "none"),
     Knob("QMGR_DISABLE_PLUGINS", "list", [], "plugins never to load, built-ins included"),
@@ -136,6 +138,10 @@ class Settings:
     config_file: Path | None = None
     # Whether the socket was named (flag, environment, config) rather than defaulted.
     socket_explicit: bool = False
+    # HOST:PORT of the API listener for other programs (Ollama's and OpenAI's APIs); None: none.
+    listen: str | None = None
+    # The key those programs must send (Authorization: Bearer KEY); required off loopback.
+    api_key: str | None = None
 
     @property
     def store(self) -> Path:
@@ -212,6 +218,7 @@ def load(
     system: bool | None = None,
     socket: str | None = None,
     home: str | None = None,
+    listen: str | None = None,
     autostart: bool | None = None,
     env: dict[str, str] | None = None,
 ) -> Settings:
@@ -249,6 +256,9 @@ def load(
     s.log_level = str(pick(None, "QMGR_LOG_LEVEL", "log_level") or "info").lower()
     if config.get("hw") is not None:
         s.hw = str(config["hw"])
+    chosen_listen = pick(listen, "QMGR_LISTEN", "listen")
+    s.listen = str(chosen_listen) if chosen_listen else None
+    s.api_key = str(config["api_key"]) if config.get("api_key") else None
     return s
 
 

@@ -24,6 +24,7 @@ LAYERS = {
     "work": 4,
     "fetch": 5, "quantize": 5, "run": 5, "mirror": 5, "builtin": 5,
     "eval": 6,  # measuring quants builds on running them
+    "serve": 6,  # serving other programs builds on running (and, to come, pulling)
     "daemon": 7,
 }
 FEATURES = 5  # packages of this layer do not import each other

@@ -1,4 +1,4 @@
-"""``qmgr status``, ``qmgr plugins``, ``qmgr daemon``."""
+"""``qmgr status``, ``qmgr plugins``, ``qmgr daemon``, ``qmgr serve``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,24 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def daemon(ctx: click.Context, system: bool | None, home: str | None) -> None:
     """Run the daemon in the foreground (what `qmgrd` does)."""
+    _exec_daemon(ctx, system, home, None)
+
+
+@cli.command(name="serve")
+@click.option("--listen", metavar="HOST:PORT", default="127.0.0.1:11434", show_default=True,
+              help="Where to serve Ollama's API (off loopback: needs api_key in the config).")
+@click.option("--home", metavar="DIR", help="Data directory (catalog and store).")
+@click.pass_context
+def serve(ctx: click.Context, listen: str, home: str | None) -> None:
+    """Run the daemon in the foreground, serving the cataloged models to other programs in
+    Ollama's API (as `ollama serve` does): Open WebUI, LangChain, the ollama client...
+
+    qmgr's own commands keep using the daemon's Unix socket. See docs/serve.md."""
+    _exec_daemon(ctx, None, home, listen)
+
+
+def _exec_daemon(ctx: click.Context, system: bool | None, home: str | None,
+                 listen: str | None) -> None:
     import os
 
     root = ctx.find_root().obj or {}
@@ -64,6 +82,8 @@ def daemon(ctx: click.Context, system: bool | None, home: str | None) -> None:
         argv += ["--socket", root["socket"]]
     if home:
         argv += ["--home", home]
+    if listen:
+        argv += ["--listen", listen]
     sys.stdout.flush()
     sys.stderr.flush()
     # This process becomes qmgrd: the client never imports the daemon (its layer rule).

@@ -90,7 +90,7 @@ def bind_socket(path: Path) -> socket.socket:
 
 # What a reload can change in a running daemon; the rest needs a restart.
 RELOADABLE = ("log_level", "watch_settle")
-RESTART_ONLY = ("home", "socket", "database_url")
+RESTART_ONLY = ("home", "socket", "database_url", "listen")
 
 
 def reload_settings(s: Settings, daemon: Any, flags: dict[str, Any]) -> None:
@@ -133,26 +133,44 @@ def serving_status(s: Settings, daemon: Any) -> str:
 
 
 async def serve(s: Settings, sock: socket.socket, daemon: Any,
-                flags: dict[str, Any] | None = None) -> None:
+                flags: dict[str, Any] | None = None,
+                listener: socket.socket | None = None) -> None:
     import uvicorn
 
     from qmgr.daemon.app import build_app
     from qmgr.daemon.peercred import PeerCredProtocol
 
+    servers: list[uvicorn.Server] = []
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Not uvicorn's own: it re-raises the signal after shutdown, which would kill the
-            # process before the catalog is closed and the socket removed.
+            # process before the catalog is closed and the socket removed. A signal stops
+            # every server (the socket's and the API listener's).
             systemd.notify("STOPPING=1\nSTATUS=stopping: finishing requests")
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
+            for each in servers:
+                if each.should_exit and sig == signal.SIGINT:
+                    each.force_exit = True
+                each.should_exit = True
 
     config = uvicorn.Config(
         build_app(daemon), http=PeerCredProtocol, log_config=None,
         access_log=s.log_level == "debug", lifespan="off", timeout_graceful_shutdown=10,
     )
     server = Server(config)
+    servers.append(server)
+    listening = []
+    if listener is not None and s.listen:
+        from qmgr.serve.app import build_api_app
+
+        api = build_api_app(daemon.catalog, daemon.running, daemon.models, s.listen,
+                            s.api_key)
+        servers.append(Server(uvicorn.Config(api, log_config=None, lifespan="off",
+                                             access_log=s.log_level == "debug",
+                                             timeout_graceful_shutdown=10)))
+        listening.append((servers[-1], listener))
+        host, port = listener.getsockname()[:2]
+        log.info("serving Ollama's API on http://%s:%d", host, port)
 
     async def tell_systemd() -> None:
         while not server.started:
@@ -176,8 +194,10 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any,
             await asyncio.sleep(interval)
 
     notifier = asyncio.create_task(tell_systemd())
-    server.should_exit = bool(EARLY_SIGNALS)
-    await server.serve(sockets=[sock])
+    for each in servers:
+        each.should_exit = bool(EARLY_SIGNALS)
+    await asyncio.gather(server.serve(sockets=[sock]),
+                         *(api_server.serve(sockets=[tcp]) for api_server, tcp in listening))
     notifier.cancel()
 
 
@@ -187,6 +207,20 @@ EARLY_SIGNALS: list[int] = []
 # Likewise a SIGHUP (whose default action would kill the daemon): the reload happens once it
 # serves.
 EARLY_RELOAD: list[int] = []
+
+
+def bind_listener(listen: str, api_key: str | None) -> socket.socket:
+    """The TCP socket of the API listener (``listen``: HOST:PORT), or why not."""
+    from qmgr.serve.app import check_listen
+
+    host, port = check_listen(listen, api_key)
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                    else socket.AF_INET)
+    except OSError as e:
+        raise QmgrError(f"cannot listen on {listen}: {e.strerror or e} (another server, "
+                        "an Ollama, may be there: `--listen HOST:PORT` for another port)",
+                        code="bad_config") from None
 
 
 def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
@@ -211,7 +245,14 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
         sock = adopted[0] if adopted else bind_socket(s.socket)
         if adopted:
             log.info("using the socket passed by systemd")
-        asyncio.run(serve(s, sock, daemon, flags))
+        listener = None
+        if s.listen:
+            try:
+                listener = bind_listener(s.listen, s.api_key)
+            except QmgrError as e:
+                log.error("%s", e.message)
+                return 1
+        asyncio.run(serve(s, sock, daemon, flags, listener))
     finally:
         # A reload now would come too late, and dying of SIGHUP would skip the cleanup.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -229,9 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--home", help="data directory (catalog, store)")
     parser.add_argument("--system", action="store_true", default=None,
                         help="run as the system service (/run/qmgr, /var/lib/qmgr)")
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help="also serve Ollama's API to other programs there")
     parser.add_argument("--version", action="version", version=f"qmgrd {__version__}")
     args = parser.parse_args(argv)
-    flags = {"system": args.system, "socket": args.socket, "home": args.home}
+    flags = {"system": args.system, "socket": args.socket, "home": args.home,
+             "listen": args.listen}
     try:
         s = settings_mod.load(**flags)
     except QmgrError as e:

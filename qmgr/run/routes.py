@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -60,17 +60,17 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[End
     return api.endpoints
 
 
-def _answers(runner: Runner, req: dict[str, Any]) -> AsyncIterator[str]:
-    """The runner's answers as lines, read in a thread; closing the stream (the client's
-    Ctrl-C) cancels the generation."""
+def relay(runner: Runner, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    """The runner's answers to ``req`` (``{"text"}`` pieces, then ``{"done"}`` or
+    ``{"error"}``), read in a thread; closing the iterator (a client that left: ``qmgr chat``'s
+    Ctrl-C, an HTTP client that hung up) cancels the generation."""
     import asyncio
     import contextlib
-    import json
     import threading
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    gone = threading.Event()  # the client closed the stream (qmgr chat's Ctrl-C)
+    gone = threading.Event()  # the client closed the stream
 
     def work() -> None:
         try:
@@ -86,11 +86,23 @@ def _answers(runner: Runner, req: dict[str, Any]) -> AsyncIterator[str]:
 
     threading.Thread(target=work, daemon=True).start()
 
-    async def lines() -> AsyncIterator[str]:
+    async def messages() -> AsyncGenerator[dict[str, Any], None]:
         try:
             while (msg := await queue.get()) is not None:
-                yield json.dumps(msg) + "\n"
+                yield msg
         finally:
             gone.set()
 
-    return lines()
+    return messages()
+
+
+async def _answers(runner: Runner, req: dict[str, Any]) -> AsyncIterator[str]:
+    """The runner's answers as newline-delimited JSON."""
+    import json
+
+    messages = relay(runner, req)
+    try:
+        async for msg in messages:
+            yield json.dumps(msg) + "\n"
+    finally:
+        await messages.aclose()

@@ -1,0 +1,292 @@
+"""Ollama's HTTP API over the models qmgr catalogs, as Ollama's own clients use it.
+
+Shapes follow Ollama's docs/api.md: ``/api/tags``, ``/api/show``, ``/api/ps``,
+``/api/version``, ``/api/generate`` and ``/api/chat`` (newline-delimited JSON by default,
+one object with ``"stream": false``), errors ``{"error": "..."}`` with the status of
+qmgr's code (``not_found``: 404, as Ollama answers for a model it does not have). Names are
+qmgr's: every catalog name (``gemma3:Q4_K_M``, the bare model name for its default variant)
+and every reference a variant was pulled with; a ``:latest`` that is not a tag means the
+default, as Ollama's clients add it.
+
+Not yet here (issue #18): pull, embed, delete, copy, tools, structured output, keep_alive,
+the OpenAI API and the scheduler's memory budget.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from qmgr import __version__
+from qmgr.catalog import queries
+from qmgr.catalog.db import Catalog
+from qmgr.catalog.models import Variant, VariantState
+from qmgr.errors import NotFound, QmgrError
+from qmgr.run.loading import Running
+from qmgr.run.manager import ModelManager, Runner
+from qmgr.run.routes import relay
+
+NDJSON = "application/x-ndjson"
+# Ollama's options -> qmgr's generation parameters (GenParams); num_ctx is the context.
+OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+           "num_predict": "max_tokens", "stop": "stop"}
+
+
+def _iso(when: datetime.datetime) -> str:
+    """RFC 3339 in UTC, as Ollama writes times (the catalog keeps naive UTC)."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def now() -> str:
+    return _iso(datetime.datetime.now(datetime.UTC))
+
+
+def _size_label(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}".replace(".0", "")
+    return str(n)
+
+
+def details(v: Variant) -> dict[str, Any]:
+    arch = v.model.architecture or ""
+    return {"parent_model": "", "format": "gguf", "family": arch,
+            "families": [arch] if arch else None,
+            "parameter_size": _size_label(v.model.parameter_count),
+            "quantization_level": v.quant_type or ""}
+
+
+def resolve(session: Session, name: str) -> Variant:
+    """The ready variant an Ollama ``model`` names, else ``not_found`` (404, as Ollama)."""
+    for candidate in (name, name.removesuffix(":latest")):
+        try:
+            v = queries.resolve_one(session, candidate)
+        except NotFound:
+            continue
+        if v.state != VariantState.READY:
+            raise QmgrError(f"model '{name}' is {v.state}: its file is not usable",
+                            code="not_ready")
+        return v
+    raise NotFound(f"model '{name}' not found")
+
+
+def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Route]:
+    def model_of(body: dict[str, Any]) -> str:
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise QmgrError("model is required", code="bad_request")
+        return name
+
+    async def root(request: Request) -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    def _tags() -> dict[str, Any]:
+        with catalog.reading() as session:
+            out = []
+            for v in _ready(session):
+                name = f"{v.model.name}:{v.tag}"
+                out.append({"name": name, "model": name,
+                            "modified_at": _iso(v.created_at),
+                            "size": v.size, "digest": v.sha256, "details": details(v)})
+            return {"models": out}
+
+    async def tags(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(_tags))
+
+    def _show(name: str) -> dict[str, Any]:
+        with catalog.reading() as session:
+            v = resolve(session, name)
+            facts = dict(v.facts or {})
+            arch = v.model.architecture or facts.get("architecture") or ""
+            info: dict[str, Any] = {"general.architecture": arch,
+                                    "general.parameter_count": v.model.parameter_count,
+                                    "general.file_type": facts.get("file_type")}
+            for key in ("context_length", "embedding_length", "block_count", "head_count",
+                        "head_count_kv", "feed_forward_length", "vocab_size"):
+                if facts.get(key) is not None:
+                    info[f"{arch}.{key}"] = facts[key]
+            template = facts.get("chat_template") or ""
+            return {"license": "", "modelfile": f"FROM {v.files[0].blob.path}\n",
+                    "parameters": "", "template": template, "details": details(v),
+                    "model_info": info,
+                    "capabilities": ["completion"] if not template else ["completion",
+                                                                         "chat"],
+                    "modified_at": _iso(v.created_at)}
+
+    async def show(request: Request) -> Response:
+        body = await _body(request)
+        return JSONResponse(await run_in_threadpool(_show, model_of(body)))
+
+    def _ps() -> dict[str, Any]:
+        out = []
+        loaded = models.ps()
+        with catalog.reading() as session:
+            for r in loaded:
+                try:
+                    v = queries.resolve_one(session, r["ref"])
+                except NotFound:
+                    continue
+                expires = time.time() + max(0.0, models.keep_alive - r["idle_s"])
+                out.append({"name": r["ref"], "model": r["ref"], "size": v.size,
+                            "digest": v.sha256, "details": details(v),
+                            "expires_at": _iso(datetime.datetime.fromtimestamp(
+                                expires, datetime.UTC)),
+                            # On the CPU nothing is in VRAM; with layers offloaded, their share.
+                            "size_vram": int((v.size or 0) * _gpu_share(r)),
+                            "context_length": r["ctx"]})
+        return {"models": out}
+
+    async def ps(request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(_ps))
+
+    def _load(name: str, options: dict[str, Any]) -> tuple[str, Runner]:
+        with catalog.reading() as session:
+            v = resolve(session, name)
+            ref = f"{v.model.name}:{v.tag}"
+        ctx = options.get("num_ctx")
+        return ref, running.runner(ref, int(ctx) if ctx else None)
+
+    def params_of(body: dict[str, Any]) -> dict[str, Any]:
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise QmgrError("options must be an object", code="bad_request")
+        params = {qmgr_name: options[name] for name, qmgr_name in OPTIONS.items()
+                  if options.get(name) is not None}
+        if isinstance(params.get("stop"), str):
+            params["stop"] = [params["stop"]]
+        return params
+
+    async def generate(request: Request) -> Response:
+        body = await _body(request)
+        name = model_of(body)
+        started = time.monotonic_ns()
+        ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
+        loaded = time.monotonic_ns()
+        prompt = body.get("prompt") or ""
+        if body.get("system"):
+            prompt = f"{body['system']}\n\n{prompt}"
+        req = {"op": "generate", "prompt": prompt, "params": params_of(body)}
+        return await _respond(name, runner, req, body, started, loaded,
+                              lambda text: {"response": text})
+
+    async def chat(request: Request) -> Response:
+        body = await _body(request)
+        name = model_of(body)
+        messages = body.get("messages") or []
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("content", ""), str)
+                for m in messages):
+            raise QmgrError("messages must be a list of {role, content} objects",
+                            code="bad_request")
+        started = time.monotonic_ns()
+        ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
+        loaded = time.monotonic_ns()
+        req = {"op": "chat", "params": params_of(body),
+               "messages": [{"role": m.get("role", "user"), "content": m.get("content", "")}
+                            for m in messages]}
+        return await _respond(name, runner, req, body, started, loaded,
+                              lambda text: {"message": {"role": "assistant", "content": text}})
+
+    return [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/version", version, methods=["GET"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/chat", chat, methods=["POST"]),
+    ]
+
+
+def _ready(session: Session) -> list[Variant]:
+    from sqlalchemy import select
+
+    from qmgr.catalog.models import Model
+
+    query = (select(Variant).join(Model).where(Variant.state == VariantState.READY)
+             .order_by(Model.name, Variant.tag))
+    return list(session.scalars(query))
+
+
+def _gpu_share(loaded: dict[str, Any]) -> float:
+    placement = loaded.get("placement") or {}
+    layers = placement.get("n_layer") or 0
+    return (loaded.get("gpu_layers") or 0) / layers if layers else 0.0
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise QmgrError("the body is not JSON", code="bad_request") from None
+    if not isinstance(body, dict):
+        raise QmgrError("the body must be a JSON object", code="bad_request")
+    return body
+
+
+async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[str, Any],
+                   started: int, loaded: int,
+                   piece: Callable[[str], dict[str, Any]]) -> Response:
+    """Ollama's answer: NDJSON chunks then the final one with the timings (integer ns), or,
+    with ``"stream": false``, one object with the whole text."""
+    messages = relay(runner, req)
+
+    def final(stats: dict[str, Any]) -> dict[str, Any]:
+        total = time.monotonic_ns() - started
+        return {"model": name, "created_at": now(), **piece(""), "done": True,
+                "done_reason": "length" if stats.get("tokens", 0) >= req["params"].get(
+                    "max_tokens", 1 << 30) else "stop",
+                "total_duration": total, "load_duration": loaded - started,
+                "prompt_eval_count": stats.get("prompt_tokens", 0),
+                "prompt_eval_duration": int(stats.get("prompt_s", 0) * 1e9),
+                "eval_count": stats.get("tokens", 0),
+                "eval_duration": int(stats.get("eval_s", 0) * 1e9)}
+
+    if body.get("stream", True) is False:
+        text: list[str] = []
+        stats: dict[str, Any] = {}
+        try:
+            async for msg in messages:
+                if "error" in msg:
+                    raise QmgrError(msg["error"]["message"], code=msg["error"]["code"])
+                if "text" in msg:
+                    text.append(msg["text"])
+                stats = msg.get("done", stats)
+        finally:
+            await messages.aclose()
+        answer = final(stats)
+        answer.update(piece("".join(text)))
+        return JSONResponse(answer)
+
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for msg in messages:
+                if "error" in msg:
+                    yield json.dumps({"error": msg["error"]["message"]}) + "\n"
+                    return
+                if "text" in msg:
+                    yield json.dumps({"model": name, "created_at": now(),
+                                      **piece(msg["text"]), "done": False}) + "\n"
+                if "done" in msg:
+                    yield json.dumps(final(msg["done"])) + "\n"
+        finally:
+            await messages.aclose()
+
+    return StreamingResponse(lines(), media_type=NDJSON)

@@ -1,0 +1,142 @@
+"""qmgr serving Ollama's API, spoken to with Ollama's own Python client (the ``ollama``
+package, in the test extra) and with plain HTTP for the listener's rules.
+
+A real daemon with ``--listen 127.0.0.1:PORT``; a tiny random llama model for completions and
+the real Gemma 3 270M (the test model) for chat, both through llama.cpp.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import ollama
+import pytest
+from conftest import QMGR, Env
+from ggufmake import find_gemma_gguf, make_tiny_gguf
+
+pytest.importorskip("llama_cpp", reason="generation needs the llama extra (qmgr[llama])")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served(qenv: Env, tmp_path: Path) -> Iterator[tuple[Env, str]]:
+    port = free_port()
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    qenv.qmgr("import", str(make_tiny_gguf(tmp_path / "tiny-F16.gguf", ftype="F16")))
+    yield qenv, f"http://127.0.0.1:{port}"
+
+
+def test_the_ollama_client_lists_shows_and_generates(served: tuple[Env, str]) -> None:
+    env, url = served
+    client = ollama.Client(host=url)
+    assert httpx.get(url + "/").text == "Ollama is running"
+    assert httpx.head(url + "/").status_code == 200
+    names = [m.model for m in client.list().models]
+    assert names == ["tiny:F16"]
+    [listed] = client.list().models
+    assert listed.details is not None and listed.details.format == "gguf"
+    assert listed.details.family == "llama" and listed.digest and listed.size
+    shown = client.show("tiny")  # the bare name: its default variant
+    assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
+    assert shown.details is not None and shown.details.quantization_level == "F16"
+
+    answer = client.generate(model="tiny:F16", prompt="hello",
+                             options={"num_predict": 4, "seed": 0})
+    assert answer.done and isinstance(answer.response, str)
+    assert answer.eval_count is not None and 1 <= answer.eval_count <= 4
+    assert isinstance(answer.total_duration, int) and answer.total_duration > 0
+    assert answer.prompt_eval_count and answer.prompt_eval_count > 0
+    # Streamed by default: pieces, then the final chunk with the counts.
+    chunks = list(client.generate(model="tiny:latest", prompt="hello", stream=True,
+                                  options={"num_predict": 4, "seed": 0}))
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert "".join(c.response for c in chunks) == answer.response  # greedy: the same text
+    [loaded] = client.ps().models
+    assert loaded.model == "tiny:F16" and loaded.context_length and loaded.size_vram == 0
+
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="nothing-here", prompt="hi")
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.show("nothing-here")
+    assert e.value.status_code == 404
+
+
+def test_chat_with_the_real_model(served: tuple[Env, str]) -> None:
+    env, url = served
+    env.qmgr("import", "--copy", str(find_gemma_gguf()))
+    gemma = next(m.model for m in ollama.Client(host=url).list().models
+                 if m.model and m.model.startswith("gemma"))
+    client = ollama.Client(host=url)
+    messages = [{"role": "user", "content": "Say hello in one word."}]
+    whole = client.chat(model=gemma, messages=messages, options={"num_predict": 8})
+    assert whole.done and whole.message.role == "assistant" and whole.message.content
+    parts = list(client.chat(model=gemma, messages=messages, stream=True,
+                             options={"num_predict": 8}))
+    assert parts[-1].done and "".join(p.message.content or "" for p in parts) == \
+        whole.message.content
+    # A model whose file has no chat template is refused, not guessed at.
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="tiny:F16", messages=messages, stream=False)
+    assert "chat template" in e.value.error
+
+
+def test_the_listener_refuses_other_hosts_on_loopback(served: tuple[Env, str]) -> None:
+    _env, url = served
+    port = url.rsplit(":", 1)[1]
+    # A page on evil.example that rebinds its name to 127.0.0.1 sends its own Host.
+    r = httpx.get(url + "/api/tags", headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and "not allowed" in r.json()["error"]
+    assert httpx.get(url + "/api/tags", headers={"Host": f"localhost:{port}"}).status_code == 200
+    # qmgr's own API is not here: its paths mean nothing on this listener.
+    assert httpx.get(url + "/v1/status").status_code == 404
+
+
+def test_an_api_key_is_required_when_configured(qenv: Env, tmp_path: Path) -> None:
+    Path(qenv.env["QMGR_CONFIG"]).write_text('api_key = "sesame"\n')
+    port = free_port()
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    r = httpx.get(url + "/api/tags")
+    assert r.status_code == 401 and "API key" in r.json()["error"]
+    assert httpx.get(url + "/").status_code == 200  # the health check stays open
+    client = ollama.Client(host=url, headers={"Authorization": "Bearer sesame"})
+    assert client.list().models == []
+
+
+def test_off_loopback_without_a_key_the_daemon_does_not_start(qenv: Env) -> None:
+    r = subprocess.run([*qenv.qmgrd, "--listen", f"0.0.0.0:{free_port()}"], env=qenv.env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "needs an api_key in the configuration file" in r.stdout + r.stderr + \
+        qenv.daemon_log()
+
+
+def test_qmgr_serve_runs_the_daemon_with_the_listener(qenv: Env) -> None:
+    port = free_port()
+    proc = subprocess.Popen([QMGR, "serve", "--listen", f"127.0.0.1:{port}"], env=qenv.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qenv.proc = proc  # stopped (SIGTERM) by the fixture
+    qenv.log = open(qenv.root / "serve.log", "ab")  # noqa: SIM115 (closed by stop())
+    qenv.wait_ready()
+    deadline = 50
+    for _ in range(deadline):
+        try:
+            assert httpx.get(f"http://127.0.0.1:{port}/api/version").json()["version"]
+            break
+        except httpx.TransportError:
+            import time
+
+            time.sleep(0.1)
+    else:
+        raise AssertionError("the API listener did not come up")
+    assert qenv.stop() == 0
