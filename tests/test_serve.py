@@ -7,16 +7,19 @@ the real Gemma 3 270M (the test model) for chat, both through llama.cpp.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import ollama
 import pytest
 from conftest import QMGR, Env
 from ggufmake import find_gemma_gguf, make_tiny_gguf
+from test_pull import repo  # noqa: F401 (the mirror's repository: hf.co/test/tiny)
 
 pytest.importorskip("llama_cpp", reason="generation needs the llama extra (qmgr[llama])")
 
@@ -140,3 +143,60 @@ def test_qmgr_serve_runs_the_daemon_with_the_listener(qenv: Env) -> None:
     else:
         raise AssertionError("the API listener did not come up")
     assert qenv.stop() == 0
+
+
+def test_keep_alive_load_unload_copy_and_delete(served: tuple[Env, str]) -> None:
+    env, url = served
+    client = ollama.Client(host=url)
+    # An empty request loads the model and keeps it as asked (-1: until stopped).
+    loaded = client.generate(model="tiny:F16", prompt="", keep_alive=-1)
+    assert loaded.done and loaded.done_reason == "load"
+    [model] = client.ps().models
+    assert model.expires_at is not None and model.expires_at.year > 2030
+    # keep_alive 0 unloads it, with or without an answer first.
+    assert client.generate(model="tiny:F16", prompt="", keep_alive=0).done_reason == "unload"
+    assert client.ps().models == []
+    client.generate(model="tiny:F16", prompt="hi", keep_alive=0, options={"num_predict": 1})
+    assert client.ps().models == []
+    client.generate(model="tiny:F16", prompt="hi", keep_alive="10m", options={"num_predict": 1})
+    [model] = client.ps().models
+    assert model.expires_at is not None  # some 10 minutes ahead
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="tiny:F16", prompt="hi", keep_alive="soon")
+    assert e.value.status_code == 400 and "keep_alive" in e.value.error
+
+    # copy: a new name (an alias), listed and usable; delete: the variant itself.
+    client.copy("tiny:F16", "mine")
+    assert {m.model for m in client.list().models} == {"tiny:F16", "mine:latest"}
+    shown = client.show("mine")
+    assert shown.details is not None and shown.details.quantization_level == "F16"
+    client.delete("tiny:F16")
+    assert [m.model for m in client.list().models] == []
+    assert env.json("list") == []
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("tiny:F16")
+    assert e.value.status_code == 404
+
+
+def test_pull_through_the_ollama_client(qenv: Env, mirror: Any) -> None:
+    qenv.env.update(QMGR_HF_ENDPOINT=mirror.url, QMGR_HW="ram=16GiB")
+    port = free_port()
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    client = ollama.Client(host=f"http://127.0.0.1:{port}")
+    # Streamed: Ollama's statuses, driven by qmgr's verified pull job.
+    statuses = [p.status for p in client.pull("hf.co/test/tiny:Q8_0", stream=True)]
+    assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
+    assert "verifying sha256 digest" in statuses
+    sizes = [(p.completed, p.total) for p in client.pull("hf.co/test/tiny:Q8_0", stream=True)
+             if p.total]
+    assert all(done <= total for done, total in sizes)
+    # No quant named: the variant `qmgr pull --fit` chooses (the best that fits: F16 here).
+    assert client.pull("hf.co/test/tiny").status == "success"
+    names = {m.model for m in client.list().models}
+    assert names == {"tiny:Q8_0", "tiny:F16"}, names
+    assert {v["sha256"] for v in qenv.json("list")} == {
+        hashlib.sha256(p.read_bytes()).hexdigest() for p in (mirror.root / "test" / "tiny")
+        .glob("*.gguf")}
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("hf.co/test/nothing:Q8_0")
+    assert e.value.status_code in (404, 502), e.value

@@ -163,8 +163,8 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any,
     if listener is not None and s.listen:
         from qmgr.serve.app import build_api_app
 
-        api = build_api_app(daemon.catalog, daemon.running, daemon.models, s.listen,
-                            s.api_key)
+        api = build_api_app(daemon.catalog, daemon.running, daemon.models, daemon.puller,
+                            daemon.fitter, daemon.jobs, s.listen, s.api_key)
         servers.append(Server(uvicorn.Config(api, log_config=None, lifespan="off",
                                              access_log=s.log_level == "debug",
                                              timeout_graceful_shutdown=10)))

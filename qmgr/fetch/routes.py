@@ -27,6 +27,32 @@ ALIAS_BODY = {"type": "object", "required": ["name", "reference"],
               "properties": {"name": {"type": "string"}, "reference": {"type": "string"}}}
 
 
+def submit_pull(puller: Puller, fitter: Fitter, jobs: JobRunner, body: dict[str, Any],
+                env: dict[str, str]) -> dict[str, Any]:
+    """Start a pull job for ``body`` (PULL_BODY: ``ref``, ``fit``...) with the client's
+    settings ``env``; with ``fit``, the decision is made first and the job pulls the variant
+    chosen. The job, as ``/v1/jobs/{id}`` shows it."""
+    ref, sha = body["ref"], body.get("sha256")
+    typed = puller.parse(ref)  # a bad reference fails here, before a job exists
+    args: dict[str, Any] = {"ref": ref, "insecure": bool(body.get("insecure")),
+                            "sha256": sha.lower() if sha else None}
+    if any(k not in SECRET_ENV for k in env):
+        args["env"] = {k: v for k, v in env.items() if k not in SECRET_ENV}
+    if body.get("fit"):
+        # Decide first, then pull what was chosen: the job is an ordinary pull of one
+        # variant. The fit service for this request: the client's settings (its Hub endpoint
+        # and token) over the daemon's.
+        fitting = fitter if not env else Fitter(puller.with_env(env), fitter.settings)
+        decision = fitting.fit(FitRequest.from_args({**body, "ref": ref, "remote": True}))[0]
+        if decision["pick"] is None:
+            raise QmgrError(f"nothing downloaded: {decision['reason']}", code="does_not_fit")
+        if parse(decision["pick_source_ref"]).kind == "hf":
+            args["ref"] = decision["pick_source_ref"]  # one variant of the repository
+        args.update(name=typed.name if typed.kind == "alias" else None, default=True,
+                    decision=decision)
+    return jobs.submit("pull", args, secrets={k: v for k, v in env.items() if k in SECRET_ENV})
+
+
 def routes(catalog: Catalog, puller: Puller, fitter: Fitter, jobs: JobRunner) -> list[Endpoint]:
     api = Table()
 
@@ -38,27 +64,7 @@ def routes(catalog: Catalog, puller: Puller, fitter: Fitter, jobs: JobRunner) ->
     @api.endpoint("POST", "/v1/pulls", "Start a pull job (returns the job; follow "
                   "/v1/jobs/{id}/events)", body=PULL_BODY)
     def start_pull(call: Call) -> dict[str, Any]:
-        body, env = call.body, call.env
-        ref, sha = body["ref"], body.get("sha256")
-        typed = puller.parse(ref)  # a bad reference fails here, before a job exists
-        args: dict[str, Any] = {"ref": ref, "insecure": bool(body.get("insecure")),
-                                "sha256": sha.lower() if sha else None}
-        if any(k not in SECRET_ENV for k in env):
-            args["env"] = {k: v for k, v in env.items() if k not in SECRET_ENV}
-        if body.get("fit"):
-            # Decide first, then pull what was chosen: the job is an ordinary pull of one
-            # variant.
-            decision = fitter_for(env).fit(FitRequest.from_args({**body, "ref": ref,
-                                                                  "remote": True}))[0]
-            if decision["pick"] is None:
-                raise QmgrError(f"nothing downloaded: {decision['reason']}",
-                                code="does_not_fit")
-            if parse(decision["pick_source_ref"]).kind == "hf":
-                args["ref"] = decision["pick_source_ref"]  # one variant of the repository
-            args.update(name=typed.name if typed.kind == "alias" else None, default=True,
-                        decision=decision)
-        return jobs.submit("pull", args,
-                           secrets={k: v for k, v in env.items() if k in SECRET_ENV})
+        return submit_pull(puller, fitter, jobs, call.body, call.env)
 
     @api.endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine, and why "
                   "(?ref=REF[&ctx=N][&kv_type=f16|q8_0|q4_0][&headroom=0.1][&insecure=1])")

@@ -43,6 +43,9 @@ class Runner:
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
     busy: bool = False
+    # Seconds it stays loaded after its last request, when a request said (Ollama's
+    # keep_alive); None: the manager's. Negative: until stopped.
+    keep_alive: float | None = None
     # The final line of the last request: its stats, ``cancelled`` when its client left.
     last: dict[str, Any] | None = None
     # Requests are written under ``lock``; a cancel or an exit may come from another thread.
@@ -139,7 +142,8 @@ class Runner:
                 "ctx": self.options.n_ctx, "gpu_layers": self.options.n_gpu_layers,
                 "kv_type": self.options.kv_type, "rss": self.rss(), "busy": self.busy,
                 "placement": self.placement, "loaded_at": self.loaded_at,
-                "idle_s": round(time.monotonic() - self.last_used, 1), "last": self.last}
+                "idle_s": round(time.monotonic() - self.last_used, 1), "last": self.last,
+                "keep_alive": self.keep_alive}
 
 
 class ModelManager:
@@ -198,6 +202,9 @@ class ModelManager:
                  options.n_gpu_layers)
         return Runner(key, ref, path, backend, options, placement, proc)
 
+    def keep_alive_of(self, r: Runner) -> float:
+        return self.keep_alive if r.keep_alive is None else r.keep_alive
+
     def ps(self) -> list[dict[str, Any]]:
         with self.lock:
             return [r.to_dict() for r in self.runners.values() if r.alive()]
@@ -215,7 +222,8 @@ class ModelManager:
             now = time.monotonic()
             with self.lock:
                 idle = [k for k, r in self.runners.items()
-                        if not r.alive() or (not r.busy and now - r.last_used > self.keep_alive)]
+                        if not r.alive() or (not r.busy and 0 <= self.keep_alive_of(r)
+                                             < now - r.last_used)]
                 runners = [self.runners.pop(k) for k in idle]
             for r in runners:
                 if r.alive():

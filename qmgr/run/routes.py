@@ -96,6 +96,20 @@ def relay(runner: Runner, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any],
     return messages()
 
 
+async def whole(messages: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """A relayed generation read to its end: its text and its final stats; the runner's error
+    raised as it came."""
+    text: list[str] = []
+    stats: dict[str, Any] = {}
+    async for msg in messages:
+        if "error" in msg:
+            raise QmgrError(msg["error"]["message"], code=msg["error"]["code"])
+        if "text" in msg:
+            text.append(msg["text"])
+        stats = msg.get("done", stats)
+    return "".join(text), stats
+
+
 async def _answers(runner: Runner, req: dict[str, Any]) -> AsyncIterator[str]:
     """The runner's answers as newline-delimited JSON."""
     import json

@@ -1,4 +1,4 @@
-"""The API listener's app: Ollama's routes behind the listener's own rules.
+"""The API listener's app: Ollama's and OpenAI's routes behind the listener's own rules.
 
 - On a loopback address, a request whose ``Host`` is not a loopback name is refused (403):
   a web page the user visits cannot reach the API through a DNS name it rebinds to 127.0.0.1
@@ -6,8 +6,9 @@
 - With an ``api_key`` in the configuration, every request but ``GET /`` must carry
   ``Authorization: Bearer KEY`` (401 otherwise); off loopback the key is required, and the
   daemon does not start without one (:func:`check_listen`).
-- Errors are Ollama's ``{"error": "..."}``. qmgr's own API stays on the Unix socket: no path
-  here means what it means there.
+- Each API answers errors in its own shape (Ollama's ``{"error": "..."}``, OpenAI's
+  ``{"error": {"message", "type", "code"}}``), with the status of qmgr's code. qmgr's own API
+  stays on the Unix socket: none of its paths is served here.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from starlette.responses import JSONResponse, Response
 
 from qmgr.catalog.db import Catalog
 from qmgr.errors import QmgrError
+from qmgr.fetch.fitting import Fitter
+from qmgr.fetch.pull import Puller
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager
-from qmgr.serve import ollama
+from qmgr.serve import ollama, openai
+from qmgr.work.jobs import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,8 @@ class Guard(BaseHTTPMiddleware):
         return await call_next(request)
 
 
-def build_api_app(catalog: Catalog, running: Running, models: ModelManager, listen: str,
+def build_api_app(catalog: Catalog, running: Running, models: ModelManager, puller: Puller,
+                  fitter: Fitter, jobs: JobRunner, listen: str,
                   api_key: str | None) -> Starlette:
     host, _port = check_listen(listen, api_key)
 
@@ -98,7 +103,9 @@ def build_api_app(catalog: Catalog, running: Running, models: ModelManager, list
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"},
                             status_code=500)
 
-    return Starlette(routes=ollama.routes(catalog, running, models),
+    return Starlette(routes=[*ollama.routes(catalog, running, models),
+                             *ollama.pull_routes(puller, fitter, jobs),
+                             *openai.routes(catalog, running, models)],
                      middleware=[Middleware(Guard, loopback=is_loopback(host),
                                             api_key=api_key)],
                      exception_handlers={QmgrError: known, Exception: unexpected})

@@ -8,14 +8,15 @@ qmgr's: every catalog name (``gemma3:Q4_K_M``, the bare model name for its defau
 and every reference a variant was pulled with; a ``:latest`` that is not a tag means the
 default, as Ollama's clients add it.
 
-Not yet here (issue #18): pull, embed, delete, copy, tools, structured output, keep_alive,
-the OpenAI API and the scheduler's memory budget.
+Not yet here (issue #18): embed, tools, structured output, think, and the scheduler's memory
+budget.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -27,13 +28,20 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from qmgr import __version__
-from qmgr.catalog import queries
+from qmgr.catalog import queries, record
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Variant, VariantState
 from qmgr.errors import NotFound, QmgrError
+from qmgr.fetch import aliases
+from qmgr.fetch.fitting import Fitter
+from qmgr.fetch.pull import Puller
+from qmgr.fetch.routes import submit_pull
+from qmgr.plugin.backend import GenParams
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
-from qmgr.run.routes import relay
+from qmgr.run.routes import relay, whole
+from qmgr.work.jobs import JobRunner
+from qmgr.work.routes import updates
 
 NDJSON = "application/x-ndjson"
 # Ollama's options -> qmgr's generation parameters (GenParams); num_ctx is the context.
@@ -69,14 +77,42 @@ def details(v: Variant) -> dict[str, Any]:
             "quantization_level": v.quant_type or ""}
 
 
-def resolve(session: Session, name: str) -> Variant:
-    """The ready variant an Ollama ``model`` names, else ``not_found`` (404, as Ollama)."""
+DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_of(value: Any) -> float | None:
+    """Ollama's ``keep_alive``: seconds (a number), a Go duration (``"5m"``, ``"1h30m"``), a
+    negative value (loaded until stopped); None when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise QmgrError(f"keep_alive {value!r}: seconds or a duration such as \"5m\"",
+                        code="bad_request")
+    if isinstance(value, int | float):
+        return float(value)
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.lstrip("+-")
+    try:
+        return sign * float(text)  # a bare number: seconds
+    except ValueError:
+        pass
+    parts = DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise QmgrError(f"keep_alive {value!r}: seconds or a duration such as \"5m\"",
+                        code="bad_request")
+    return sign * sum(float(n) * UNITS[u] for n, u in parts)
+
+
+def resolve(session: Session, name: str, ready: bool = True) -> Variant:
+    """The (ready) variant an Ollama ``model`` names, else ``not_found`` (404, as Ollama)."""
     for candidate in (name, name.removesuffix(":latest")):
         try:
             v = queries.resolve_one(session, candidate)
         except NotFound:
             continue
-        if v.state != VariantState.READY:
+        if ready and v.state != VariantState.READY:
             raise QmgrError(f"model '{name}' is {v.state}: its file is not usable",
                             code="not_ready")
         return v
@@ -99,8 +135,15 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
     def _tags() -> dict[str, Any]:
         with catalog.reading() as session:
             out = []
-            for v in _ready(session):
-                name = f"{v.model.name}:{v.tag}"
+            ready = ready_variants(session)
+            by_ref = {f"{v.model.name}:{v.tag}": v for v in ready}
+            named = [(ref, v) for ref, v in by_ref.items()]
+            # A user's alias of a cataloged variant (what /api/copy makes) is a name too.
+            for alias in aliases.all_aliases(session):
+                target = by_ref.get(str(alias["reference"]))
+                if not alias["builtin"] and target is not None:
+                    named.append((f"{alias['name']}:latest", target))
+            for name, v in named:
                 out.append({"name": name, "model": name,
                             "modified_at": _iso(v.created_at),
                             "size": v.size, "digest": v.sha256, "details": details(v)})
@@ -130,7 +173,7 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
                     "modified_at": _iso(v.created_at)}
 
     async def show(request: Request) -> Response:
-        body = await _body(request)
+        body = await body_of(request)
         return JSONResponse(await run_in_threadpool(_show, model_of(body)))
 
     def _ps() -> dict[str, Any]:
@@ -142,7 +185,10 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
                     v = queries.resolve_one(session, r["ref"])
                 except NotFound:
                     continue
-                expires = time.time() + max(0.0, models.keep_alive - r["idle_s"])
+                keep = models.keep_alive if r["keep_alive"] is None else r["keep_alive"]
+                # Loaded until stopped: Ollama shows a date far ahead.
+                expires = (time.time() + max(0.0, keep - r["idle_s"]) if keep >= 0
+                           else time.time() + 10 * 365 * 86400)
                 out.append({"name": r["ref"], "model": r["ref"], "size": v.size,
                             "digest": v.sha256, "details": details(v),
                             "expires_at": _iso(datetime.datetime.fromtimestamp(
@@ -172,9 +218,42 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
             params["stop"] = [params["stop"]]
         return params
 
+    def _unload(name: str) -> None:
+        with catalog.reading() as session:
+            v = resolve(session, name)
+            ref = f"{v.model.name}:{v.tag}"
+        models.stop(ref)
+
+    async def empty(name: str, body: dict[str, Any], keep: float | None,
+                    piece: Callable[[str], dict[str, Any]]) -> Response:
+        """A request with nothing to answer loads the model, or with keep_alive 0 unloads it
+        (Ollama's way to preload and to free memory)."""
+        if keep == 0:
+            await run_in_threadpool(_unload, name)
+        else:
+            _ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
+            if keep is not None:
+                runner.keep_alive = keep
+        return JSONResponse({"model": name, "created_at": now(), **piece(""), "done": True,
+                             "done_reason": "unload" if keep == 0 else "load"})
+
+    def kept(ref: str, runner: Runner, keep: float | None) -> Callable[[], None]:
+        """Apply the request's keep_alive: 0 unloads once the answer is sent."""
+        if keep is not None and keep != 0:
+            runner.keep_alive = keep
+
+        def after() -> None:
+            if keep == 0:
+                models.stop(ref)
+
+        return after
+
     async def generate(request: Request) -> Response:
-        body = await _body(request)
+        body = await body_of(request)
         name = model_of(body)
+        keep = keep_alive_of(body.get("keep_alive"))
+        if not body.get("prompt") and not body.get("system"):
+            return await empty(name, body, keep, _generate_piece)
         started = time.monotonic_ns()
         ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
         loaded = time.monotonic_ns()
@@ -182,11 +261,11 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         if body.get("system"):
             prompt = f"{body['system']}\n\n{prompt}"
         req = {"op": "generate", "prompt": prompt, "params": params_of(body)}
-        return await _respond(name, runner, req, body, started, loaded,
-                              lambda text: {"response": text})
+        return await _respond(name, runner, req, body, started, loaded, _generate_piece,
+                              kept(ref, runner, keep))
 
     async def chat(request: Request) -> Response:
-        body = await _body(request)
+        body = await body_of(request)
         name = model_of(body)
         messages = body.get("messages") or []
         if not isinstance(messages, list) or not all(
@@ -194,17 +273,50 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
                 for m in messages):
             raise QmgrError("messages must be a list of {role, content} objects",
                             code="bad_request")
+        keep = keep_alive_of(body.get("keep_alive"))
+        if not messages:
+            return await empty(name, body, keep, _chat_piece)
         started = time.monotonic_ns()
         ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
         loaded = time.monotonic_ns()
         req = {"op": "chat", "params": params_of(body),
                "messages": [{"role": m.get("role", "user"), "content": m.get("content", "")}
                             for m in messages]}
-        return await _respond(name, runner, req, body, started, loaded,
-                              lambda text: {"message": {"role": "assistant", "content": text}})
+        return await _respond(name, runner, req, body, started, loaded, _chat_piece,
+                              kept(ref, runner, keep))
+
+    def _delete(name: str) -> None:
+        with catalog.reading() as session:
+            v = resolve(session, name, ready=False)
+            ref = f"{v.model.name}:{v.tag}"
+        models.stop(ref)
+        record.remove_variants(catalog, ref)
+
+    async def delete(request: Request) -> Response:
+        """``qmgr rm``: the variant, with the files no other variant uses."""
+        await run_in_threadpool(_delete, model_of(await body_of(request)))
+        return Response(status_code=200)
+
+    def _copy(source: str, destination: str) -> None:
+        with catalog.writing() as session:
+            v = resolve(session, source, ready=False)
+            aliases.set_alias(session, destination.removesuffix(":latest"),
+                              f"{v.model.name}:{v.tag}")
+
+    async def copy(request: Request) -> Response:
+        """A new name for a variant: a qmgr alias (``qmgr alias add DEST SOURCE``); no bytes
+        are copied."""
+        body = await body_of(request)
+        source, destination = body.get("source"), body.get("destination")
+        if not isinstance(source, str) or not isinstance(destination, str):
+            raise QmgrError("give source and destination", code="bad_request")
+        await run_in_threadpool(_copy, source, destination)
+        return Response(status_code=200)
 
     return [
         Route("/", root, methods=["GET", "HEAD"]),
+        Route("/api/delete", delete, methods=["DELETE"]),
+        Route("/api/copy", copy, methods=["POST"]),
         Route("/api/version", version, methods=["GET"]),
         Route("/api/tags", tags, methods=["GET"]),
         Route("/api/show", show, methods=["POST"]),
@@ -214,7 +326,69 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
     ]
 
 
-def _ready(session: Session) -> list[Variant]:
+def pull_routes(puller: Puller, fitter: Fitter, jobs: JobRunner) -> list[Route]:
+    """``POST /api/pull``: a verified qmgr pull job, its progress in Ollama's shape. Any
+    reference qmgr knows; without a quant, the one ``qmgr pull --fit`` would choose."""
+
+    def _submit(name: str, insecure: bool) -> dict[str, Any]:
+        typed = puller.parse(name)
+        fit = typed.kind in ("alias", "hf", "ollama") and not typed.quant and not typed.file
+        return submit_pull(puller, fitter, jobs, {"ref": name, "insecure": insecure,
+                                                  "fit": fit}, {})
+
+    async def pull(request: Request) -> Response:
+        body = await body_of(request)
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise QmgrError("model is required", code="bad_request")
+        job = await run_in_threadpool(_submit, name, bool(body.get("insecure")))
+        events = updates(jobs, job["id"], job)
+
+        async def statuses() -> AsyncIterator[dict[str, Any]]:
+            last = None
+            async for job in events:
+                for status in _pull_status(job):
+                    if status != last:
+                        last = status
+                        yield status
+
+        if body.get("stream", True) is False:
+            ended = job
+            async for update in events:
+                ended = update
+            if ended["state"] != "succeeded":
+                raise QmgrError(ended.get("error") or f"the pull was {ended['state']}",
+                                code=ended.get("error_code") or "error")
+            return JSONResponse({"status": "success"})
+
+        async def lines() -> AsyncIterator[str]:
+            async for status in statuses():
+                yield json.dumps(status) + "\n"
+
+        return StreamingResponse(lines(), media_type=NDJSON)
+
+    return [Route("/api/pull", pull, methods=["POST"])]
+
+
+def _pull_status(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """What Ollama's clients show for a pull job as it is now."""
+    progress = job.get("progress") or {}
+    if job["state"] == "failed" or job["state"] == "cancelled":
+        return [{"error": job.get("error") or f"the pull was {job['state']}"}]
+    if job["state"] == "succeeded":
+        return [{"status": "verifying sha256 digest"}, {"status": "writing manifest"},
+                {"status": "success"}]
+    phase = progress.get("phase")
+    if phase == "downloading":
+        name = progress.get("file") or progress.get("quant") or "model"
+        return [{"status": f"pulling {name}", "digest": name,
+                 "total": progress.get("total") or 0, "completed": progress.get("done") or 0}]
+    if phase == "cataloging":
+        return [{"status": "verifying sha256 digest"}]
+    return [{"status": "pulling manifest"}]
+
+
+def ready_variants(session: Session) -> list[Variant]:
     from sqlalchemy import select
 
     from qmgr.catalog.models import Model
@@ -230,7 +404,7 @@ def _gpu_share(loaded: dict[str, Any]) -> float:
     return (loaded.get("gpu_layers") or 0) / layers if layers else 0.0
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def body_of(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw or b"{}")
@@ -241,9 +415,17 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
+def _generate_piece(text: str) -> dict[str, Any]:
+    return {"response": text}
+
+
+def _chat_piece(text: str) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text}}
+
+
 async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[str, Any],
-                   started: int, loaded: int,
-                   piece: Callable[[str], dict[str, Any]]) -> Response:
+                   started: int, loaded: int, piece: Callable[[str], dict[str, Any]],
+                   after: Callable[[], None]) -> Response:
     """Ollama's answer: NDJSON chunks then the final one with the timings (integer ns), or,
     with ``"stream": false``, one object with the whole text."""
     messages = relay(runner, req)
@@ -251,8 +433,9 @@ async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[st
     def final(stats: dict[str, Any]) -> dict[str, Any]:
         total = time.monotonic_ns() - started
         return {"model": name, "created_at": now(), **piece(""), "done": True,
+                # The runner's default limit applies when the request set none (GenParams).
                 "done_reason": "length" if stats.get("tokens", 0) >= req["params"].get(
-                    "max_tokens", 1 << 30) else "stop",
+                    "max_tokens", GenParams().max_tokens) else "stop",
                 "total_duration": total, "load_duration": loaded - started,
                 "prompt_eval_count": stats.get("prompt_tokens", 0),
                 "prompt_eval_duration": int(stats.get("prompt_s", 0) * 1e9),
@@ -260,19 +443,13 @@ async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[st
                 "eval_duration": int(stats.get("eval_s", 0) * 1e9)}
 
     if body.get("stream", True) is False:
-        text: list[str] = []
-        stats: dict[str, Any] = {}
         try:
-            async for msg in messages:
-                if "error" in msg:
-                    raise QmgrError(msg["error"]["message"], code=msg["error"]["code"])
-                if "text" in msg:
-                    text.append(msg["text"])
-                stats = msg.get("done", stats)
+            text, stats = await whole(messages)
         finally:
             await messages.aclose()
+            await run_in_threadpool(after)
         answer = final(stats)
-        answer.update(piece("".join(text)))
+        answer.update(piece(text))
         return JSONResponse(answer)
 
     async def lines() -> AsyncIterator[str]:
@@ -288,5 +465,6 @@ async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[st
                     yield json.dumps(final(msg["done"])) + "\n"
         finally:
             await messages.aclose()
+            await run_in_threadpool(after)
 
     return StreamingResponse(lines(), media_type=NDJSON)

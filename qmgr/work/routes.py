@@ -44,9 +44,18 @@ def routes(jobs: JobRunner) -> list[Endpoint]:
 
 async def _events(jobs: JobRunner, job_id: int, first: dict[str, Any],
                   with_progress: bool) -> AsyncIterator[str]:
+    import json
+
+    async for job in updates(jobs, job_id, first, with_progress):
+        yield json.dumps(job) + "\n"
+
+
+async def updates(jobs: JobRunner, job_id: int, first: dict[str, Any],
+                  with_progress: bool = True) -> AsyncIterator[dict[str, Any]]:
+    """The job (``first``: as it was when asked for) each time it changes, ending with its
+    final state; without ``with_progress``, only changes of state or phase."""
     import asyncio
     import contextlib
-    import json
 
     last: object = -1
     current = first
@@ -66,14 +75,14 @@ async def _events(jobs: JobRunner, job_id: int, first: dict[str, Any],
             if handle is None:  # not run here (`first` is its row), or forgotten since
                 if watched is not None and current["state"] not in TERMINAL:
                     current = await run_in_threadpool(jobs.get, job_id)
-                yield json.dumps(current) + "\n"
+                yield current
                 return
             seen = handle.version if with_progress \
                 else (handle.state, handle.progress.get("phase"))
             if seen != last:
                 last = seen
                 current = handle.to_dict()
-                yield json.dumps(current) + "\n"
+                yield current
                 if current["state"] in TERMINAL:
                     return
             # Progress at most ten times a second; a change of state or phase at once.
