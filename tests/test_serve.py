@@ -51,6 +51,7 @@ def test_the_ollama_client_lists_shows_and_generates(served: tuple[Env, str]) ->
     shown = client.show("tiny")  # the bare name: its default variant
     assert shown.modelinfo is not None and shown.modelinfo["general.architecture"] == "llama"
     assert shown.details is not None and shown.details.quantization_level == "F16"
+    assert shown.template == "" and shown.capabilities == ["completion"]  # no template
 
     answer = client.generate(model="tiny:F16", prompt="hello",
                              options={"num_predict": 4, "seed": 0})

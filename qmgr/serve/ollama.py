@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from qmgr import __version__
+from qmgr import __version__, gguf
 from qmgr.catalog import queries, record
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Variant, VariantState
@@ -164,13 +164,16 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
                         "head_count_kv", "feed_forward_length", "vocab_size"):
                 if facts.get(key) is not None:
                     info[f"{arch}.{key}"] = facts[key]
-            template = facts.get("chat_template") or ""
-            return {"license": "", "modelfile": f"FROM {v.files[0].blob.path}\n",
-                    "parameters": "", "template": template, "details": details(v),
-                    "model_info": info,
-                    "capabilities": ["completion"] if not template else ["completion",
-                                                                         "chat"],
-                    "modified_at": _iso(v.created_at)}
+            path = v.files[0].blob.path
+            modified = _iso(v.created_at)
+            out = {"license": "", "modelfile": f"FROM {path}\n", "parameters": "",
+                   "details": details(v), "model_info": info,
+                   # Ollama's names for what a model can do (chat is part of completion).
+                   "capabilities": ["completion"], "modified_at": modified}
+        # The chat template chat answers with, from the file's header (bounded reader).
+        template = gguf.read_header(path).metadata.get("tokenizer.chat_template")
+        out["template"] = template if isinstance(template, str) else ""
+        return out
 
     async def show(request: Request) -> Response:
         body = await body_of(request)
