@@ -74,6 +74,8 @@ KNOBS = {k.name: k for k in (
          "filesystem allows it"),
     Knob("QMGR_KEEP_ALIVE", "float", 300.0, "seconds a loaded model stays in memory after its "
          "last request"),
+    Knob("QMGR_MAX_LOADED", "int", None, "models loaded at once at most (default: as many as "
+         "the memory holds)"),
     Knob("QMGR_WARM_WORKERS", "bool", True, "an idle worker process is kept ready for the "
          "next quantize/eval job"),
     Knob("QMGR_HASH_WHILE_WRITING", "bool", True, "the llama.cpp quantizer's worker hashes "

@@ -201,3 +201,56 @@ def test_pull_through_the_ollama_client(qenv: Env, mirror: Any) -> None:
     with pytest.raises(ollama.ResponseError) as e:
         client.pull("hf.co/test/nothing:Q8_0")
     assert e.value.status_code in (404, 502), e.value
+
+
+def loaded_totals(env: Env) -> dict[str, int]:
+    """Loaded model -> the bytes its placement holds, by qmgr's estimate (`qmgr ps`)."""
+    return {r["ref"]: sum(d["total"] for d in r["placement"]["devices"])
+            for r in env.json("ps")}
+
+
+def test_models_stay_loaded_while_they_fit_and_the_least_recent_goes_first(
+        qenv: Env, tmp_path: Path) -> None:
+    for name in ("alpha", "beta"):
+        qenv.env["QMGR_HW"] = "ram=16GiB"
+        make_tiny_gguf(tmp_path / f"{name}-F16.gguf", name=name, ftype="F16")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    for name in ("alpha", "beta"):
+        qenv.qmgr("import", str(tmp_path / f"{name}-F16.gguf"))
+    client = ollama.Client(host=url)
+    options = {"num_predict": 1, "num_ctx": 256}
+    for name in ("alpha:F16", "beta:F16"):
+        client.generate(model=name, prompt="hi", options=options)
+    one = loaded_totals(qenv)
+    assert set(one) == {"alpha:F16", "beta:F16"}  # 16 GiB: both stay
+    need = max(one.values())
+    assert qenv.stop() == 0
+
+    # Room for one of them (placement keeps 10% headroom): loading the second unloads the
+    # one used longest ago, by the same estimate.
+    qenv.env["QMGR_HW"] = f"ram={int(1.5 * need / 0.9)}"
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    client.generate(model="alpha:F16", prompt="hi", options=options)
+    client.generate(model="beta:F16", prompt="hi", options=options)
+    assert set(loaded_totals(qenv)) == {"beta:F16"}
+    client.generate(model="alpha:F16", prompt="hi", options=options)
+    assert set(loaded_totals(qenv)) == {"alpha:F16"}
+    assert qenv.stop() == 0
+
+    # A model that cannot fit even alone is refused, with the estimate.
+    qenv.env["QMGR_HW"] = f"ram={need // 2}"
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="alpha:F16", prompt="hi", options=options)
+    assert e.value.status_code == 507 and "GiB" in e.value.error and "does not fit" in \
+        e.value.error
+    assert qenv.stop() == 0
+
+    # QMGR_MAX_LOADED caps the count whatever the memory.
+    qenv.env.update(QMGR_HW="ram=16GiB", QMGR_MAX_LOADED="1")
+    qenv.start("--listen", f"127.0.0.1:{port}")
+    client.generate(model="alpha:F16", prompt="hi", options=options)
+    client.generate(model="beta:F16", prompt="hi", options=options)
+    assert set(loaded_totals(qenv)) == {"beta:F16"}

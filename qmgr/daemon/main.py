@@ -242,9 +242,8 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
         log.error("%s", e.message)
         return 1
     try:
-        sock = adopted[0] if adopted else bind_socket(s.socket)
-        if adopted:
-            log.info("using the socket passed by systemd")
+        # The API listener first: once the socket answers, everything is up (a client that
+        # waits for the socket then finds the listener too).
         listener = None
         if s.listen:
             try:
@@ -252,6 +251,9 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
             except QmgrError as e:
                 log.error("%s", e.message)
                 return 1
+        sock = adopted[0] if adopted else bind_socket(s.socket)
+        if adopted:
+            log.info("using the socket passed by systemd")
         asyncio.run(serve(s, sock, daemon, flags, listener))
     finally:
         # A reload now would come too late, and dying of SIGHUP would skip the cleanup.

@@ -3,6 +3,7 @@ its checks, its placement by the fit estimator, the backend that runs it."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from qmgr.fit.estimate import ModelShape, place
 from qmgr.fit.hardware import Device, Snapshot
 from qmgr.plugin.backend import Backend, LoadOptions
 from qmgr.run.manager import ModelManager, Runner
+from qmgr.settings import knob
 
 DEFAULT_CTX = 4096
 
@@ -61,6 +63,26 @@ def choose_backend(backends: list[Backend], facts: dict[str, Any], devices: list
         f"{name}: {reason}" for name, reason in why.items()), code="cannot_run")
 
 
+def less_loaded(devices: list[Device], loaded: list[Runner]) -> list[Device]:
+    """``devices`` with what ``loaded`` runners hold taken off their free memory: each
+    runner's placement, as the estimator made it when it loaded (so a declared machine,
+    ``QMGR_HW``, fills up as a real one does)."""
+    used: dict[tuple[str, int], int] = {}
+    for r in loaded:
+        for d in (r.placement or {}).get("devices", []):
+            key = (d.get("kind", "cpu"), d.get("index", 0))
+            used[key] = used.get(key, 0) + int(d.get("total") or 0)
+    out = []
+    for d in devices:
+        taken = used.get(("cpu" if d.kind == "cpu" else d.kind, d.index), 0)
+        if taken and d.memory_total is not None:
+            free = d.memory_total - taken if d.memory_free is None else min(
+                d.memory_free, d.memory_total - taken)
+            d = dataclasses.replace(d, memory_free=max(0, free))
+        out.append(d)
+    return out
+
+
 class Running:
     """``hardware(declared)``: the devices to place models on (what ``qmgr hw`` shows);
     ``backends()``: the registered runtime backends."""
@@ -71,6 +93,10 @@ class Running:
         self.hardware = hardware
         self.backends = backends
         self.manager = manager
+
+    def max_loaded(self) -> int | None:
+        value = knob("QMGR_MAX_LOADED")
+        return int(value) if value else None
 
     def backend_for(self, facts: dict[str, Any], wanted: str | None = None,
                     hw: str | None = None) -> str:
@@ -90,14 +116,27 @@ class Running:
         if ctx:
             check_ctx(name, facts, ctx)
         n_ctx = ctx or min(DEFAULT_CTX, facts.get("context_length") or DEFAULT_CTX)
+        loaded = self.manager.find(name, n_ctx, kv_type)
+        if loaded is not None and (backend is None or loaded.backend == backend):
+            return loaded
         shape = ModelShape.from_headers([gguf.read_header(p) for p in paths])
-        devices = self.hardware(hw).devices
-        placement = place(shape, devices, n_ctx, kv_type)
-        if not placement.fits:
-            need = sum(d.total for d in placement.devices)
-            raise QmgrError(f"{name} needs {need / 2**30:.1f} GiB at --ctx {n_ctx} and does not "
-                            "fit this machine's memory (see `qmgr fit`); try a smaller --ctx "
-                            "or a smaller quant", code="does_not_fit")
+        limit = self.max_loaded()
+        while True:
+            # What the loaded models hold, by the same estimate, is not there for this one.
+            devices = less_loaded(self.hardware(hw).devices, self.manager.loaded())
+            placement = place(shape, devices, n_ctx, kv_type)
+            too_many = limit is not None and len(self.manager.loaded()) >= limit
+            if placement.fits and not too_many:
+                break
+            # Room is made by unloading the least recently used idle model, one at a time.
+            if self.manager.unload_least_recently_used() is None:
+                need = sum(d.total for d in placement.devices)
+                busy = ", ".join(r.ref for r in self.manager.loaded())
+                raise QmgrError(f"{name} needs {need / 2**30:.2f} GiB at --ctx {n_ctx} and does "
+                                "not fit this machine's memory" + (f" beside {busy} (busy)"
+                                                                    if busy else "")
+                                + " (see `qmgr fit`); try a smaller --ctx or a smaller quant",
+                                code="does_not_fit")
         options = LoadOptions(n_ctx=n_ctx, n_gpu_layers=placement.gpu_layers, kv_type=kv_type,
                               flash_attn=kv_type != "f16")
         chosen = choose_backend(self.backends(), facts, devices, backend)

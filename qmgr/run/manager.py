@@ -202,6 +202,31 @@ class ModelManager:
                  options.n_gpu_layers)
         return Runner(key, ref, path, backend, options, placement, proc)
 
+    def find(self, ref: str, n_ctx: int, kv_type: str) -> Runner | None:
+        """A loaded runner of ``ref`` with that context and KV type (marked used), if any."""
+        with self.lock:
+            for r in self.runners.values():
+                if r.ref == ref and r.options.n_ctx == n_ctx and r.options.kv_type == kv_type \
+                        and r.alive():
+                    r.last_used = time.monotonic()
+                    return r
+        return None
+
+    def loaded(self) -> list[Runner]:
+        with self.lock:
+            return [r for r in self.runners.values() if r.alive()]
+
+    def unload_least_recently_used(self) -> Runner | None:
+        """Stop the idle runner used longest ago, to make room; None when every one is busy."""
+        with self.lock:
+            idle = [(r.last_used, k) for k, r in self.runners.items() if not r.busy]
+            if not idle:
+                return None
+            r = self.runners.pop(min(idle)[1])
+        log.info("unloading %s (least recently used) to make room", r.ref)
+        r.stop()
+        return r
+
     def keep_alive_of(self, r: Runner) -> float:
         return self.keep_alive if r.keep_alive is None else r.keep_alive
 
