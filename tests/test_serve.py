@@ -254,3 +254,20 @@ def test_models_stay_loaded_while_they_fit_and_the_least_recent_goes_first(
     client.generate(model="alpha:F16", prompt="hi", options=options)
     client.generate(model="beta:F16", prompt="hi", options=options)
     assert set(loaded_totals(qenv)) == {"beta:F16"}
+
+
+def test_langchain_chat_ollama_invokes_the_real_model(served: tuple[Env, str]) -> None:
+    from langchain_ollama import ChatOllama
+
+    env, url = served
+    env.qmgr("import", "--copy", str(find_gemma_gguf()))
+    [gemma] = [m["ref"] for m in env.json("list") if m["model"].startswith("gemma")]
+    chat = ChatOllama(model=gemma, base_url=url, num_predict=8, temperature=0)
+    answer = chat.invoke("Say hello in one word.")
+    assert isinstance(answer.content, str) and answer.content.strip()
+    assert answer.response_metadata.get("done_reason") in ("stop", "length")
+    # The same words as Ollama's own client gets for the same request.
+    direct = ollama.Client(host=url).chat(
+        model=gemma, messages=[{"role": "user", "content": "Say hello in one word."}],
+        options={"num_predict": 8, "temperature": 0})
+    assert answer.content == direct.message.content
