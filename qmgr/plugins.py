@@ -233,8 +233,7 @@ class PluginSet:
         Implementations are guarded (see ``_guarded``); a wrapper that raises is recorded."""
         collected: list[Any] = []
         kind = REGISTER_HOOKS.get(hook_name)
-        for info in self.info.values():
-            info.provides = [p for p in info.provides if not p.startswith(f"{kind}:")]
+        self._forget_provided(kind)
         caller = getattr(self.pm.hook, hook_name)
         try:
             caller(register=collected.append)
@@ -254,13 +253,17 @@ class PluginSet:
             # A wrapper that raised before its yield ran none of the others: run them without
             # the wrappers, in pluggy's order, so one broken plugin costs only its own part.
             collected = []
-            for info in self.info.values():
-                info.provides = [p for p in info.provides if not p.startswith(f"{kind}:")]
+            self._forget_provided(kind)
             for impl in reversed(caller.get_hookimpls()):
                 if not (impl.hookwrapper or impl.wrapper):
                     impl.function(*(collected.append if a == "register" else None
                                     for a in impl.argnames))
         return collected
+
+    def _forget_provided(self, kind: str | None) -> None:
+        """Drop what plugins provided of ``kind``: it is about to be collected again."""
+        for info in self.info.values():
+            info.provides = [p for p in info.provides if not p.startswith(f"{kind}:")]
 
     def sources(self) -> list[Source]:
         return cast("list[Source]", self.registered("register_sources"))
