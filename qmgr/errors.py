@@ -7,6 +7,8 @@ on. The CLI prints ``Error: <message>`` and exits non-zero; no traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 # Every error code qmgr sends, with its HTTP status and what it means: the one list (docs/
 # errors.md is checked against it, and a test fails on a code used anywhere but not here).
 CODES: dict[str, tuple[int, str]] = {
@@ -81,6 +83,12 @@ CODES: dict[str, tuple[int, str]] = {
     "backend_crashed": (500, "the engine's process was killed by a signal (a build for another "
                         "CPU, the out-of-memory killer)"),
     "no_chat_template": (409, "a chat with a model whose file has no chat template"),
+    "no_embeddings": (409, "embeddings from a backend (or model) that does not make them"),
+    "no_tools": (409, "tools given to a backend that cannot render them"),
+    "no_thinking": (400, "think asked of a model whose chat template has no thinking"),
+    "input_too_long": (400, "an input longer than the model takes, with truncation off"),
+    "bad_format": (400, "a structured-output format (JSON schema) qmgr cannot enforce"),
+    "queue_full": (503, "a model's queue of waiting requests is full: retry after a while"),
     "eval_failed": (422, "an evaluation failed"),
     "tokenizer_mismatch": (409, "variants that tokenize differently: not one model"),
     "text_too_short": (400, "a text too short for one chunk of the context"),
@@ -118,8 +126,30 @@ class QmgrError(Exception):
     def http_status(self) -> int:
         return status_of(self.code)
 
-    def to_dict(self) -> dict[str, dict[str, str]]:
+    def to_dict(self) -> dict[str, dict[str, Any]]:
         return {"error": {"code": self.code, "message": self.message}}
+
+
+class Busy(QmgrError):
+    """A model's queue is full (``queue_full``): the request may be sent again after
+    ``retry_after`` seconds (sent as ``Retry-After``)."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"error": {"code": self.code, "message": self.message,
+                          "retry_after": self.retry_after}}
+
+
+def error_from(error: dict[str, Any]) -> QmgrError:
+    """The error a ``{"code", "message"}`` dict (``to_dict()["error"]``) stands for."""
+    if error.get("code") == Busy.code:
+        return Busy(error["message"], int(error.get("retry_after") or 1))
+    return QmgrError(error["message"], code=error.get("code") or "error")
 
 
 class NotFound(QmgrError):

@@ -8,6 +8,7 @@ the real Gemma 3 270M (the test model) for chat, both through llama.cpp.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -271,3 +272,101 @@ def test_langchain_chat_ollama_invokes_the_real_model(served: tuple[Env, str]) -
         model=gemma, messages=[{"role": "user", "content": "Say hello in one word."}],
         options={"num_predict": 8, "temperature": 0})
     assert answer.content == direct.message.content
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+# An earlier call and its result, in Ollama's shapes: the model is shown how it calls.
+SHOWN_A_CALL = [
+    {"role": "user", "content": "What is the weather in Berlin?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": {"city": "Berlin"}}}]},
+    {"role": "tool", "content": "12 degrees, cloudy", "tool_name": "get_weather"},
+    {"role": "assistant", "content": "It is 12 degrees and cloudy in Berlin."},
+    {"role": "user", "content": "What is the weather in Paris?"}]
+PERSON = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+
+def gemma_of(env: Env, url: str) -> str:
+    env.qmgr("import", "--copy", str(find_gemma_gguf()))
+    return next(m.model for m in ollama.Client(host=url).list().models
+                if m.model and m.model.startswith("gemma"))
+
+
+def test_tools_structured_output_and_think_through_the_ollama_client(
+        served: tuple[Env, str]) -> None:
+    env, url = served
+    gemma = gemma_of(env, url)
+    client = ollama.Client(host=url)
+    answer = client.chat(model=gemma, messages=SHOWN_A_CALL, tools=WEATHER,
+                         options={"num_predict": 40})
+    [call] = answer.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert dict(call.function.arguments) == {"city": "Paris"}  # an object, not JSON text
+    assert answer.message.content == ""
+    # Streamed: the call comes whole, in one chunk, before the final one.
+    chunks = list(client.chat(model=gemma, messages=SHOWN_A_CALL, tools=WEATHER, stream=True,
+                              options={"num_predict": 40}))
+    assert chunks[-1].done
+    streamed = [c for chunk in chunks for c in (chunk.message.tool_calls or [])]
+    assert [c.function.name for c in streamed] == ["get_weather"]
+
+    # A JSON schema holds the sampler to it: the answer parses and has the fields' types.
+    shaped = client.chat(model=gemma, format=PERSON, options={"num_predict": 60},
+                         messages=[{"role": "user", "content": "Ann is 30. Give her as JSON."}])
+    person = json.loads(shaped.message.content or "")
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    # "json": any JSON object; without it the same prompt is prose.
+    prompt = "List three colours."
+    free = client.generate(model=gemma, prompt=prompt, options={"num_predict": 12})
+    held = client.generate(model=gemma, prompt=prompt, format="json",
+                           options={"num_predict": 12})
+    assert held.response.lstrip().startswith("{") and not free.response.lstrip().startswith("{")
+
+    # A model whose template has no thinking part is refused think, as Ollama does.
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model=gemma, messages=SHOWN_A_CALL[-1:], think=True)
+    assert e.value.status_code == 400 and "does not support thinking" in e.value.error
+    # (Ollama's client would not send a format it does not know: plain HTTP does.)
+    bad = httpx.post(f"{url}/api/chat", json={"model": gemma, "format": "yaml",
+                                              "messages": SHOWN_A_CALL[-1:]})
+    assert bad.status_code == 400 and "format" in bad.json()["error"]
+
+
+def test_embeddings_through_the_ollama_client(served: tuple[Env, str]) -> None:
+    env, url = served
+    gemma = gemma_of(env, url)
+    client = ollama.Client(host=url)
+    texts = ["The cat sat on the mat.", "A kitten rests on a rug.",
+             "Quarterly tax filing deadlines"]
+    got = client.embed(model=gemma, input=texts)
+    vectors = [list(v) for v in got.embeddings]
+    assert len(vectors) == 3 and len({len(v) for v in vectors}) == 1
+    norms = [sum(x * x for x in v) ** 0.5 for v in vectors]
+    assert all(abs(n - 1) < 1e-4 for n in norms)  # L2-normalised
+
+    def cos(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    assert cos(vectors[0], vectors[1]) > cos(vectors[0], vectors[2])  # meaning, not noise
+    assert got.prompt_eval_count and got.prompt_eval_count >= 3
+    # One input at a time gives the same vector as in a batch; the older endpoint too.
+    [alone] = client.embed(model=gemma, input=texts[0]).embeddings
+    assert max(abs(x - y) for x, y in zip(alone, vectors[0], strict=True)) < 1e-4
+    legacy = client.embeddings(model=gemma, prompt=texts[0]).embedding
+    assert max(abs(x - y) for x, y in zip(legacy, vectors[0], strict=True)) < 1e-4
+    # Generation still works after embedding from the same loaded model.
+    assert client.generate(model=gemma, prompt="Hello", options={"num_predict": 4}).response
+    # Longer than the model takes at once: cut by default, refused with truncate off.
+    long = "word " * 2000
+    assert len(client.embed(model=gemma, input=long).embeddings) == 1
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model=gemma, input=long, truncate=False)
+    assert e.value.status_code == 400 and "truncate" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="nothing-here", input="hi")
+    assert e.value.status_code == 404

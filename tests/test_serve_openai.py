@@ -144,3 +144,60 @@ def test_the_api_key_is_the_clients_bearer_token(qenv: Env) -> None:
     assert openai.OpenAI(base_url=f"{url}/v1", api_key="sesame").models.list().data == []
     with pytest.raises(openai.AuthenticationError):
         client_of(url).models.list()  # api_key="unused"
+
+
+def test_tools_response_format_and_embeddings(served: tuple[Env, str]) -> None:
+    from test_serve import PERSON, WEATHER, gemma_of
+
+    env, url = served
+    gemma = gemma_of(env, url)
+    client = client_of(url)
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # tool_choice "required" holds the sampler to a call of one of the tools.
+    answer = client.chat.completions.create(model=gemma, messages=ask, tools=WEATHER,
+                                            tool_choice="required", max_tokens=60)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert call.id.startswith("call_")
+    assert isinstance(json.loads(call.function.arguments)["city"], str)  # JSON text
+    chunks = list(client.chat.completions.create(
+        model=gemma, messages=ask, tools=WEATHER, stream=True, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    deltas = [t for c in chunks if c.choices for t in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas if d.function] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The call and its result sent back: the model answers in text.
+    back = client.chat.completions.create(model=gemma, max_tokens=20, tools=WEATHER, messages=[
+        *ask, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {
+                "name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}],
+        tool_choice="none")
+    assert back.choices[0].message.content and not back.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=gemma, messages=ask, tools=WEATHER,
+                                       tool_choice={"type": "function",
+                                                    "function": {"name": "nope"}})
+
+    shaped = client.chat.completions.create(
+        model=gemma, max_tokens=60, messages=[{"role": "user", "content": "Ann is 30."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    person = json.loads(shaped.choices[0].message.content or "")
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+
+    # OpenAI's client asks for base64 float32 by default and decodes it; floats on request.
+    texts = ["The cat sat on the mat.", "Quarterly tax filing deadlines"]
+    got = client.embeddings.create(model=gemma, input=texts)
+    assert [d.index for d in got.data] == [0, 1] and got.model == gemma
+    assert got.usage.prompt_tokens > 0
+    floats = client.embeddings.create(model=gemma, input=texts, encoding_format="float")
+    for a, b in zip(got.data, floats.data, strict=True):
+        assert max(abs(x - y) for x, y in zip(a.embedding, b.embedding, strict=True)) < 1e-6
+        assert abs(sum(x * x for x in a.embedding) - 1) < 1e-4
+    # The same vectors as Ollama's /api/embed.
+    ollama_vectors = httpx.post(f"{url}/api/embed", json={"model": gemma, "input": texts},
+                                timeout=120).json()["embeddings"]
+    assert max(abs(x - y) for x, y in zip(ollama_vectors[1], floats.data[1].embedding,
+                                          strict=True)) < 1e-6

@@ -17,7 +17,13 @@ A :class:`LlamaCppSession` serves the contract (``qmgr.plugin.backend``):
   with neither is refused (:class:`~qmgr.plugin.backend.Refusal`, ``no_chat_template``) rather
   than given a guessed format (llama-cpp-python's would be Llama 2's); ``chat_format`` says
   which of the two it is before any message;
-- ``score`` evaluates a text for ``qmgr eval`` like llama.cpp's perplexity tool (see there).
+- ``score`` evaluates a text for ``qmgr eval`` like llama.cpp's perplexity tool (see there);
+- ``embed`` mean-pools the last layer's output over a text's tokens (or takes the model's own
+  pooling, for embedding models that declare one), L2-normalised;
+- ``GenParams.format`` becomes a llama.cpp grammar (llama-cpp-python's JSON grammar, or its
+  converter from a JSON schema): the sampler can only produce text that parses;
+- ``tools`` are rendered by the file's chat template when it knows tools, else described in
+  a system message (:func:`tools_as_text`) that asks for a JSON call.
 
 Stats of a generation: ``prompt_s`` is the time to the first generated token (prompt
 processing and the first sample), ``eval_s`` the time from there to the last; ``tokens``
@@ -45,7 +51,7 @@ import numpy as np
 
 from qmgr import hookimpl
 from qmgr.builtin.llama_log import cpu_count
-from qmgr.plugin import Backend, GenParams, LoadOptions, Piece, Refusal, Scores
+from qmgr.plugin import Backend, Embeddings, GenParams, LoadOptions, Piece, Refusal, Scores
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ BUILTIN_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
 
 # Scored positions per Scores piece: 64 rows of Gemma's 262k vocabulary are 64 MiB of float32.
 SCORE_ROWS = 64
+# Positions per decode when embedding with a model that has no pooling of its own.
+EMBED_ROWS = 32
 
 
 @functools.cache
@@ -101,6 +109,56 @@ def builtin_template(name: str, messages: list[dict[str, str]]) -> str:
     if n < 0:
         raise ValueError(f"llama.cpp's {name} chat template failed")
     return buf.raw[:n].decode("utf-8")
+
+
+TOOLS_PREAMBLE = (
+    "You can call these tools (JSON schemas of their parameters):\n{tools}\n"
+    "To call a tool, answer with only a JSON object, and nothing else: "
+    '{{"name": "TOOL NAME", "arguments": {{...}}}}. Otherwise answer normally.')
+
+
+def tools_as_text(messages: list[dict[str, Any]],
+                  tools: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+    """Messages for a chat template that knows no tools: the tools described in a system
+    message, an assistant's earlier calls written as the JSON it was asked for, and tool
+    results as user turns (templates such as Gemma's know only user and model turns)."""
+    out: list[dict[str, str]] = []
+    if tools:
+        described = "\n".join(json.dumps(t.get("function", t)) for t in tools)
+        out.append({"role": "system", "content": TOOLS_PREAMBLE.format(tools=described)})
+    for m in messages:
+        content = m.get("content") or ""
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = [c.get("function", c) for c in m["tool_calls"]]
+            content = "\n".join(json.dumps({"name": c.get("name"),
+                                             "arguments": c.get("arguments")}) for c in calls)
+        elif m.get("role") == "tool":
+            name = m.get("tool_name") or m.get("name") or "the tool"
+            out.append({"role": "user", "content": f"Result of {name}: {content}"})
+            continue
+        out.append({"role": str(m.get("role", "user")), "content": str(content)})
+    if out and out[0]["role"] == "system" and len(out) > 1 and out[1]["role"] == "system":
+        out[:2] = [{"role": "system", "content": out[0]["content"] + "\n\n" + out[1]["content"]}]
+    return out
+
+
+def _has_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> bool:
+    return bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+
+
+@functools.lru_cache(maxsize=32)
+def grammar_for(fmt: str) -> Any:
+    """A llama.cpp grammar for ``GenParams.format`` (``"json"`` or a JSON schema, as JSON
+    text: the cache key)."""
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    if fmt == '"json"':
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    try:
+        return LlamaGrammar.from_json_schema(fmt, verbose=False)
+    except Exception as e:  # the converter's own errors: unsupported keywords, bad refs
+        raise Refusal(f"format: cannot turn this JSON schema into a grammar "
+                      f"({type(e).__name__}: {e})", code="bad_format") from None
 
 
 def _kind(device: Any) -> str:
@@ -179,8 +237,9 @@ class LlamaCppSession:
     def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]:
         return self._stream(prompt, params, [])
 
-    def chat(self, messages: list[dict[str, str]], params: GenParams) -> Iterator[Piece]:
-        prompt = self.render_chat(messages)
+    def chat(self, messages: list[dict[str, Any]], params: GenParams,
+             tools: list[dict[str, Any]] | None = None) -> Iterator[Piece]:
+        prompt = self.render_chat(messages, tools)
         bos = self._token_text(self.llm.token_bos())
         # Most templates write <bos> themselves; llama.cpp's built-in ones leave it to us.
         add_bos = self.llm._model.add_bos_token() and not (bos and prompt.startswith(bos))
@@ -201,20 +260,28 @@ class LlamaCppSession:
                           "model's own format", code="no_chat_template")
         return f"llama.cpp:{BUILTIN_TEMPLATES[arch]}"
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt ``messages`` make, ready for the model's answer, in :meth:`chat_format`:
         the chat template stored in the GGUF rendered by llama-cpp-python's
-        ``Jinja2ChatFormatter``, or llama.cpp's built-in template."""
+        ``Jinja2ChatFormatter`` (given the tools when it renders them), or llama.cpp's
+        built-in template; tools a template does not know are described by
+        :func:`tools_as_text`."""
         chat_format = self.chat_format()
         if chat_format == "file":
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+            template = self.llm.metadata["tokenizer.chat_template"]
             formatter = Jinja2ChatFormatter(
-                template=self.llm.metadata["tokenizer.chat_template"],
+                template=template,
                 eos_token=self._token_text(self.llm.token_eos()),
                 bos_token=self._token_text(self.llm.token_bos()))
-            return str(formatter(messages=messages).prompt)  # type: ignore[arg-type]
-        return builtin_template(chat_format.removeprefix("llama.cpp:"), messages)
+            if "tools" in template or not _has_tools(messages, tools):
+                return str(formatter(messages=messages,  # type: ignore[arg-type]
+                                     tools=tools or None).prompt)  # type: ignore[arg-type]
+            return str(formatter(messages=tools_as_text(messages, tools)).prompt)  # type: ignore[arg-type]
+        return builtin_template(chat_format.removeprefix("llama.cpp:"),
+                                tools_as_text(messages, tools))
 
     def _token_text(self, token: int) -> str:
         return self.llm._model.token_get_text(token) if token != -1 else ""
@@ -236,12 +303,17 @@ class LlamaCppSession:
             return False
 
         cached = self.llm.input_ids[:self.llm.n_tokens].tolist()  # the last request's tokens
+        sampling: dict[str, Any] = {k: v for k, v in (("min_p", params.min_p),
+                                                       ("repeat_penalty", params.repeat_penalty))
+                                    if v is not None}
+        if params.format is not None:
+            sampling["grammar"] = grammar_for(json.dumps(params.format, sort_keys=True))
         started = time.perf_counter()
         chunks = self.llm.create_completion(
             prompt, max_tokens=params.max_tokens, temperature=params.temperature,
             top_p=params.top_p, top_k=params.top_k, seed=params.seed,
             stop=[*params.stop, *extra_stop] or None, stream=True,
-            stopping_criteria=llama_cpp.StoppingCriteriaList([seen]))
+            stopping_criteria=llama_cpp.StoppingCriteriaList([seen]), **sampling)
         for chunk in chunks:
             text = chunk["choices"][0]["text"]
             if text:
@@ -268,6 +340,69 @@ class LlamaCppSession:
     def tokenize(self, text: str) -> list[int]:
         """The text's tokens: no BOS, special-token text left as plain text."""
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def embed(self, texts: list[str], truncate: bool) -> Embeddings:
+        """One L2-normalised vector per text: the model's pooled embedding when it declares a
+        pooling (embedding models), else the mean of the last layer's output over the text's
+        tokens. A text longer than one batch (``n_batch`` tokens) is cut to it, or refused
+        with ``truncate`` off. The generation cache is left empty."""
+        import llama_cpp
+
+        llm = self.llm
+        ctx = llm._ctx.ctx
+        limit = min(llm.n_batch, llm.n_ctx())
+        n_embd = llm.n_embd()
+        pooled = llm.pooling_type() not in (llama_cpp.LLAMA_POOLING_TYPE_NONE,
+                                             llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED)
+        # Every position asked for gives a row of logits too (n_vocab floats: 1 MiB each for
+        # Gemma): a model without pooling is read EMBED_ROWS positions at a time, so the
+        # output buffer stays small; one with pooling needs the whole text in one batch.
+        step = limit if pooled else EMBED_ROWS
+        batch = llama_cpp.llama_batch_init(step, 0, 1)
+        vectors: list[list[float]] = []
+        read = 0
+        # A context made for generation computes embeddings too once asked (llama.cpp's
+        # llama_set_embeddings), so one loaded model serves both.
+        llama_cpp.llama_set_embeddings(ctx, True)
+        try:
+            for text in texts:
+                tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+                if len(tokens) > limit:
+                    if not truncate:
+                        raise Refusal(f"an input of {len(tokens)} tokens is longer than this "
+                                      f"model takes at once ({limit}); send truncate: true "
+                                      "to cut it", code="input_too_long")
+                    tokens = tokens[:limit]
+                read += len(tokens)
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+                total = np.zeros(n_embd, dtype=np.float64)
+                for start in range(0, len(tokens), step):
+                    chunk = tokens[start:start + step]
+                    for i, token in enumerate(chunk):
+                        batch.token[i] = token
+                        batch.pos[i] = start + i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = True
+                    batch.n_tokens = len(chunk)
+                    rc = llama_cpp.llama_decode(ctx, batch)
+                    if rc != 0:
+                        raise RuntimeError(f"llama_decode failed ({rc}) while embedding")
+                    if pooled:
+                        total = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0),
+                                                      shape=(n_embd,)).astype(np.float64)
+                    else:
+                        rows = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(ctx),
+                                                     shape=(len(chunk), n_embd))
+                        total += rows.astype(np.float64).sum(axis=0)
+                row = total if pooled else total / max(1, len(tokens))
+                norm = float(np.linalg.norm(row))
+                vectors.append((row / norm if norm > 0 else row).tolist())
+        finally:
+            llama_cpp.llama_set_embeddings(ctx, False)
+            llama_cpp.llama_batch_free(batch)
+            llm.reset()  # the next generation starts from an empty cache
+        return Embeddings(vectors, read)
 
     # -- evaluation -----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from qmgr.gguf.types import GGML_TYPES, GGML_TYPES_BY_NAME, LLAMA_FILE_TYPES
     from qmgr.plugin.backend import (
         Backend,
+        Embeddings,
         GenParams,
         LoadOptions,
         Piece,
@@ -109,7 +110,8 @@ _EXPORTS = {
     "Backend": "qmgr.plugin.backend", "Session": "qmgr.plugin.backend",
     "LoadOptions": "qmgr.plugin.backend", "GenParams": "qmgr.plugin.backend",
     "Piece": "qmgr.plugin.backend", "Scores": "qmgr.plugin.backend",
-    "Refusal": "qmgr.plugin.backend", "log_softmax": "qmgr.plugin.backend",
+    "Embeddings": "qmgr.plugin.backend", "Refusal": "qmgr.plugin.backend",
+    "log_softmax": "qmgr.plugin.backend",
 }
 
 __all__ = [  # what `from qmgr.plugin import *` gives: every name in _EXPORTS, and hookimpl
@@ -122,6 +124,7 @@ __all__ = [  # what `from qmgr.plugin import *` gives: every name in _EXPORTS, a
     "is_weight", "read_header", "read_header_from", "GGUFHeader", "ModelFacts",
     "facts_from_header", "GGML_TYPES", "GGML_TYPES_BY_NAME", "LLAMA_FILE_TYPES", "Probe", "Device",
     "Backend", "Session", "LoadOptions", "GenParams", "Piece", "Scores", "Refusal", "log_softmax",
+    "Embeddings",
 ]
 
 

@@ -13,8 +13,10 @@ A backend loads a GGUF file with a placement and serves one session::
 
     class Session:
         def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]: ...
-        def chat(self, messages: list[dict], params: GenParams) -> Iterator[Piece]: ...
+        def chat(self, messages: list[dict], params: GenParams,
+                 tools: list[dict] | None = None) -> Iterator[Piece]: ...
         def chat_format(self) -> str: ...    # "file": the chat template in the GGUF
+        def embed(self, texts: list[str], truncate: bool) -> Embeddings: ...  # optional
         def score(self, tokens: list[int], n_ctx: int,
                   want_distributions: bool = False) -> Iterator[Scores]: ...
         def tokenize(self, text: str) -> list[int]: ...
@@ -28,6 +30,15 @@ backend stops before its next token.
 
 A backend raises :class:`Refusal` for what it cannot do with a model (chat with a model that
 has no chat format): its code and message reach the user as they are.
+
+Optional parts: ``chat`` takes ``tools`` (OpenAI's function tools, ``[{"type": "function",
+"function": {"name", "description", "parameters"}}]``) when the backend can show them to the
+model, and renders messages with ``tool_calls`` and ``role: "tool"`` results; qmgr reads the
+calls back out of the generated text (:mod:`qmgr.serve.tools`). ``embed`` makes one
+L2-normalised vector per text (``/api/embed``, ``/v1/embeddings``). A backend without them
+is refused with ``no_tools`` / ``no_embeddings``. ``GenParams.format`` asks for JSON output
+(``"json"``) or output that matches a JSON schema (a dict): the backend constrains
+sampling to it, or refuses with ``bad_format``.
 """
 
 from __future__ import annotations
@@ -62,6 +73,10 @@ class GenParams:
     top_k: int = 40
     seed: int = 0
     stop: list[str] = dataclasses.field(default_factory=list)
+    min_p: float | None = None  # None: the backend's default
+    repeat_penalty: float | None = None
+    # Structured output: "json" (any JSON value... an object), or a JSON schema (a dict).
+    format: str | dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenParams:
@@ -76,6 +91,14 @@ class Piece:
     text: str
     done: bool = False
     stats: dict[str, Any] | None = None  # prompt_tokens, tokens, prompt_s, eval_s
+
+
+@dataclasses.dataclass
+class Embeddings:
+    """What ``Session.embed`` gives: one L2-normalised vector per text, and the tokens read."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 @dataclasses.dataclass
@@ -111,7 +134,11 @@ class Refusal(QmgrError):
 class Session(Protocol):
     def generate(self, prompt: str, params: GenParams) -> Iterator[Piece]: ...
 
-    def chat(self, messages: list[dict[str, str]], params: GenParams) -> Iterator[Piece]: ...
+    def chat(self, messages: list[dict[str, Any]], params: GenParams) -> Iterator[Piece]:
+        """A reply to ``messages``. A backend that can show tools to the model takes a third
+        argument, ``tools`` (OpenAI's function tools), and is only given it when there are
+        some."""
+        ...
 
     def chat_format(self) -> str:
         """Which chat format ``chat`` renders messages in, shown to the user: ``"file"`` for

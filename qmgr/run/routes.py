@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
-from qmgr.errors import QmgrError
+from qmgr.errors import QmgrError, error_from
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
 from qmgr.work.api import NDJSON, Call, Endpoint, Table
@@ -96,6 +96,31 @@ def relay(runner: Runner, req: dict[str, Any]) -> AsyncGenerator[dict[str, Any],
     return messages()
 
 
+async def answering(runner: Runner, req: dict[str, Any]
+                    ) -> AsyncGenerator[dict[str, Any], None]:
+    """:func:`relay`, once the runner's first answer is there: a refusal (a full queue, no chat
+    template) is raised before anything is sent, so the API answers it with an HTTP status
+    rather than as a line of a 200 stream. Closing the result cancels the generation."""
+    messages = relay(runner, req)
+    try:
+        first = await anext(messages)
+    except StopAsyncIteration:
+        first = {"error": {"code": "runner_died", "message": "the runner answered nothing"}}
+    if "error" in first:
+        await messages.aclose()
+        raise error_from(first["error"])
+
+    async def rest() -> AsyncGenerator[dict[str, Any], None]:
+        try:
+            yield first
+            async for msg in messages:
+                yield msg
+        finally:
+            await messages.aclose()
+
+    return rest()
+
+
 async def whole(messages: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """A relayed generation read to its end: its text and its final stats; the runner's error
     raised as it came."""
@@ -103,7 +128,7 @@ async def whole(messages: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str,
     stats: dict[str, Any] = {}
     async for msg in messages:
         if "error" in msg:
-            raise QmgrError(msg["error"]["message"], code=msg["error"]["code"])
+            raise error_from(msg["error"])
         if "text" in msg:
             text.append(msg["text"])
         stats = msg.get("done", stats)

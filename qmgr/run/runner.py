@@ -3,8 +3,10 @@
 Protocol, JSON lines: the first line on stdin names the backend, the file and the load
 options; the runner answers ``{"ready": {...}}`` (or ``{"error": ...}`` and exits). Then one
 request per line — ``{"op": "generate", "prompt": ..., "params": {...}}``,
-``{"op": "chat", "messages": [...], "params": {...}}``, ``{"op": "exit"}`` — each answered by
-``{"text": ...}`` lines and a final ``{"done": {stats}}`` or ``{"error": ...}``.
+``{"op": "chat", "messages": [...], "params": {...}, "tools": [...]}`` (tools optional),
+``{"op": "embed", "input": [texts], "truncate": true}``, ``{"op": "exit"}`` — each answered
+by ``{"text": ...}`` lines and a final ``{"done": {stats}}`` or ``{"error": ...}``; an embed's
+``done`` holds ``embeddings`` (one vector per text) and ``prompt_tokens``.
 
 ``{"op": "cancel"}`` stops the generation in progress (it is read while the runner generates;
 between requests it does nothing): the request ends with ``{"done": {"cancelled": true,
@@ -16,6 +18,7 @@ this model cannot chat, so a chat can be refused before anyone types.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import queue
@@ -86,8 +89,21 @@ def answer(session: Session, req: dict[str, Any], cancelled: Callable[[], bool])
         emit({"done": {"chat_format": chat_format() if chat_format else "backend",
                        "rss": rss()}})
         return
+    elif op == "chat" and req.get("tools"):
+        if "tools" not in inspect.signature(session.chat).parameters:
+            raise Refusal("this backend cannot show tools to a model (its chat takes no "
+                          "tools)", code="no_tools")
+        pieces = session.chat(req["messages"], params, tools=req["tools"])  # type: ignore[call-arg]
     elif op == "chat":
         pieces = session.chat(req["messages"], params)
+    elif op == "embed":
+        embed = getattr(session, "embed", None)
+        if embed is None:
+            raise Refusal("this backend does not make embeddings", code="no_embeddings")
+        done = embed(list(req["input"]), bool(req.get("truncate", True)))
+        emit({"done": {"embeddings": done.vectors, "prompt_tokens": done.prompt_tokens,
+                       "rss": rss()}})
+        return
     else:
         emit({"error": {"code": "bad_request", "message": f"unknown op {op!r}"}})
         return

@@ -8,8 +8,11 @@ qmgr's: every catalog name (``gemma3:Q4_K_M``, the bare model name for its defau
 and every reference a variant was pulled with; a ``:latest`` that is not a tag means the
 default, as Ollama's clients add it.
 
-Not yet here (issue #18): embed, tools, structured output, think, and the scheduler's memory
-budget.
+``format`` (``"json"`` or a JSON schema) constrains the sampler (a llama.cpp grammar);
+``tools`` are shown to the model and its calls read back (:mod:`qmgr.serve.tools`): an answer
+with tools, or with ``think``, is sent as one piece once it is whole, since a call or the
+end of the thinking is only known then. ``/api/embed`` and ``/api/embeddings`` answer
+L2-normalised vectors from the same loaded model.
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ from qmgr.fetch.routes import submit_pull
 from qmgr.plugin.backend import GenParams
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
-from qmgr.run.routes import relay, whole
+from qmgr.run.routes import answering, relay, whole
+from qmgr.serve import tools as tooling
 from qmgr.work.jobs import JobRunner
 from qmgr.work.routes import updates
 
 NDJSON = "application/x-ndjson"
 # Ollama's options -> qmgr's generation parameters (GenParams); num_ctx is the context.
 OPTIONS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-           "num_predict": "max_tokens", "stop": "stop"}
+           "num_predict": "max_tokens", "stop": "stop", "min_p": "min_p",
+           "repeat_penalty": "repeat_penalty"}
 
 
 def _iso(when: datetime.datetime) -> str:
@@ -167,13 +172,18 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
             path = v.files[0].blob.path
             modified = _iso(v.created_at)
             out = {"license": "", "modelfile": f"FROM {path}\n", "parameters": "",
-                   "details": details(v), "model_info": info,
-                   # Ollama's names for what a model can do (chat is part of completion).
-                   "capabilities": ["completion"], "modified_at": modified}
-        # The chat template chat answers with, from the file's header (bounded reader).
-        template = gguf.read_header(path).metadata.get("tokenizer.chat_template")
-        out["template"] = template if isinstance(template, str) else ""
+                   "details": details(v), "model_info": info, "modified_at": modified}
+        template = out["template"] = template_of(path)
+        # Ollama's names for what a model can do (chat is part of completion); tools and
+        # thinking when the file's template renders them.
+        out["capabilities"] = ["completion", *(["tools"] if "tools" in template else []),
+                               *(["thinking"] if tooling.thinks(template) else [])]
         return out
+
+    def _template(name: str) -> str:
+        with catalog.reading() as session:
+            path = resolve(session, name).files[0].blob.path
+        return template_of(path)
 
     async def show(request: Request) -> Response:
         body = await body_of(request)
@@ -219,7 +229,20 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
                   if options.get(name) is not None}
         if isinstance(params.get("stop"), str):
             params["stop"] = [params["stop"]]
+        fmt = tooling.check_format(body.get("format"))
+        if fmt is not None:
+            params["format"] = fmt
         return params
+
+    async def thinking(name: str, body: dict[str, Any]) -> bool:
+        """Whether to split the model's thinking from its answer: ``think`` asked of a model
+        whose template has none is refused, as Ollama does."""
+        think = body.get("think")
+        if think is None or think is False:
+            return False
+        if not tooling.thinks(await run_in_threadpool(_template, name)):
+            raise QmgrError(f'"{name}" does not support thinking', code="no_thinking")
+        return True
 
     def _unload(name: str) -> None:
         with catalog.reading() as session:
@@ -264,8 +287,13 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         if body.get("system"):
             prompt = f"{body['system']}\n\n{prompt}"
         req = {"op": "generate", "prompt": prompt, "params": params_of(body)}
+        whole_text = None
+        if await thinking(name, body):
+            def whole_text(text: str) -> dict[str, Any]:
+                thought, answer = tooling.split_thinking(text)
+                return {"response": answer, "thinking": thought}
         return await _respond(name, runner, req, body, started, loaded, _generate_piece,
-                              kept(ref, runner, keep))
+                              kept(ref, runner, keep), whole_text)
 
     async def chat(request: Request) -> Response:
         body = await body_of(request)
@@ -279,14 +307,74 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         keep = keep_alive_of(body.get("keep_alive"))
         if not messages:
             return await empty(name, body, keep, _chat_piece)
+        tools = tooling.check_tools(body.get("tools"))
+        think = await thinking(name, body)
+        req: dict[str, Any] = {"op": "chat", "params": params_of(body),
+                               "messages": [_message(m) for m in messages]}
+        if tools:
+            req["tools"] = tools
         started = time.monotonic_ns()
         ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
         loaded = time.monotonic_ns()
-        req = {"op": "chat", "params": params_of(body),
-               "messages": [{"role": m.get("role", "user"), "content": m.get("content", "")}
-                            for m in messages]}
+        whole_text = None
+        if tools or think:
+            def whole_text(text: str) -> dict[str, Any]:
+                thought, answer = tooling.split_thinking(text) if think else ("", text)
+                message: dict[str, Any] = {"role": "assistant", "content": answer}
+                if thought:
+                    message["thinking"] = thought
+                calls = tooling.tool_calls(answer, tools)
+                if calls:
+                    message.update(content="", tool_calls=[{"function": c} for c in calls])
+                return {"message": message}
         return await _respond(name, runner, req, body, started, loaded, _chat_piece,
-                              kept(ref, runner, keep))
+                              kept(ref, runner, keep), whole_text)
+
+    def _embed_runner(name: str, options: dict[str, Any], keep: float | None
+                      ) -> tuple[str, Runner]:
+        ref, runner = _load(name, options)
+        if keep is not None and keep != 0:
+            runner.keep_alive = keep
+        return ref, runner
+
+    async def embeddings_of(body: dict[str, Any], inputs: list[str], truncate: bool
+                            ) -> tuple[list[list[float]], dict[str, Any]]:
+        name = model_of(body)
+        keep = keep_alive_of(body.get("keep_alive"))
+        ref, runner = await run_in_threadpool(_embed_runner, name, body.get("options") or {},
+                                              keep)
+        messages = relay(runner, {"op": "embed", "input": inputs, "truncate": truncate})
+        try:
+            _text, stats = await whole(messages)
+        finally:
+            await messages.aclose()
+            if keep == 0:
+                await run_in_threadpool(models.stop, ref)
+        return stats.get("embeddings") or [], stats
+
+    async def embed(request: Request) -> Response:
+        """``/api/embed``: one L2-normalised vector per input (a string or a list of them)."""
+        body = await body_of(request)
+        inputs = body.get("input", "")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise QmgrError("input must be a string or a list of strings", code="bad_request")
+        started = time.monotonic_ns()
+        vectors, stats = await embeddings_of(body, inputs, body.get("truncate", True) is not
+                                             False)
+        return JSONResponse({"model": model_of(body), "embeddings": vectors,
+                             "total_duration": time.monotonic_ns() - started,
+                             "load_duration": 0,
+                             "prompt_eval_count": stats.get("prompt_tokens", 0)})
+
+    async def embeddings(request: Request) -> Response:
+        """``/api/embeddings`` (Ollama's older endpoint): one ``prompt``, one ``embedding``."""
+        body = await body_of(request)
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise QmgrError("prompt must be a string", code="bad_request")
+        vectors, _stats = await embeddings_of(body, [prompt], True)
+        return JSONResponse({"embedding": vectors[0] if vectors else []})
 
     def _delete(name: str) -> None:
         with catalog.reading() as session:
@@ -326,6 +414,8 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         Route("/api/ps", ps, methods=["GET"]),
         Route("/api/generate", generate, methods=["POST"]),
         Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/embeddings", embeddings, methods=["POST"]),
     ]
 
 
@@ -426,12 +516,36 @@ def _chat_piece(text: str) -> dict[str, Any]:
     return {"message": {"role": "assistant", "content": text}}
 
 
+def template_of(path: str) -> str:
+    """The chat template in a GGUF file's header (bounded reader); empty when it has none."""
+    template = gguf.read_header(path).metadata.get("tokenizer.chat_template")
+    return template if isinstance(template, str) else ""
+
+
+def _message(m: dict[str, Any]) -> dict[str, Any]:
+    """An Ollama chat message as the runner takes it: role and content, and an assistant's
+    ``tool_calls`` or a tool's result (``tool_name``) when there are."""
+    out: dict[str, Any] = {"role": m.get("role", "user"), "content": m.get("content") or ""}
+    for key in ("tool_calls", "tool_name"):
+        if m.get(key):
+            out[key] = m[key]
+    return out
+
+
 async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[str, Any],
                    started: int, loaded: int, piece: Callable[[str], dict[str, Any]],
-                   after: Callable[[], None]) -> Response:
+                   after: Callable[[], None],
+                   whole_text: Callable[[str], dict[str, Any]] | None = None) -> Response:
     """Ollama's answer: NDJSON chunks then the final one with the timings (integer ns), or,
-    with ``"stream": false``, one object with the whole text."""
-    messages = relay(runner, req)
+    with ``"stream": false``, one object with the whole text. ``whole_text`` makes the
+    answer's fields from the whole text (tool calls, thinking): the stream then sends them
+    as one chunk at the end. The runner's first answer is awaited before the status is sent,
+    so a refusal (a full queue, no chat template) is an HTTP error, not a line of a 200."""
+    try:
+        messages = await answering(runner, req)
+    except QmgrError:
+        await run_in_threadpool(after)
+        raise
 
     def final(stats: dict[str, Any]) -> dict[str, Any]:
         total = time.monotonic_ns() - started
@@ -452,15 +566,23 @@ async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[st
             await messages.aclose()
             await run_in_threadpool(after)
         answer = final(stats)
-        answer.update(piece(text))
+        answer.update(whole_text(text) if whole_text else piece(text))
         return JSONResponse(answer)
 
     async def lines() -> AsyncIterator[str]:
+        text: list[str] = []
         try:
             async for msg in messages:
                 if "error" in msg:
                     yield json.dumps({"error": msg["error"]["message"]}) + "\n"
                     return
+                if whole_text is not None:
+                    text.append(msg.get("text", ""))
+                    if "done" in msg:
+                        yield json.dumps({"model": name, "created_at": now(),
+                                          **whole_text("".join(text)), "done": False}) + "\n"
+                        yield json.dumps(final(msg["done"])) + "\n"
+                    continue
                 if "text" in msg:
                     yield json.dumps({"model": name, "created_at": now(),
                                       **piece(msg["text"]), "done": False}) + "\n"
@@ -471,3 +593,4 @@ async def _respond(name: str, runner: Runner, req: dict[str, Any], body: dict[st
             await run_in_threadpool(after)
 
     return StreamingResponse(lines(), media_type=NDJSON)
+

@@ -10,7 +10,13 @@ names are the ones Ollama's routes take (:func:`qmgr.serve.ollama.resolve`).
 Defaults are qmgr's, not OpenAI's: ``temperature`` 0 (greedy) and ``max_tokens`` 256 when a
 request leaves them out.
 
-Not yet here (issue #18): embeddings, tools, ``response_format``, ``logprobs``, ``n`` > 1.
+``tools`` are shown to the model and its calls read back (:mod:`qmgr.serve.tools`);
+``tool_choice`` ``"required"`` or a named function forces a call (the sampler is held to the
+calls' JSON schema), ``"none"`` leaves the tools out. ``response_format`` ``json_object`` or
+``json_schema`` constrains the sampler the same way. ``/v1/embeddings`` answers
+L2-normalised vectors (floats, or base64 float32 as OpenAI's client asks by default).
+
+Not here: ``logprobs``, ``n`` > 1, token-array inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -31,11 +37,12 @@ from starlette.routing import Route
 
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Variant
-from qmgr.errors import QmgrError, status_of
+from qmgr.errors import Busy, QmgrError, status_of
 from qmgr.plugin.backend import GenParams
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
-from qmgr.run.routes import relay, whole
+from qmgr.run.routes import answering, relay, whole
+from qmgr.serve import tools as tooling
 from qmgr.serve.ollama import body_of, ready_variants, resolve
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,8 @@ def _answers_errors(handler: Handler) -> Handler:
             # OpenAI's clients retry 408, 409 and 5xx: a refusal that will not change on a
             # retry (no chat template, a context too large) says so, and comes back at once.
             final = {"x-should-retry": "false"} if e.http_status < 500 else None
+            if isinstance(e, Busy):
+                final = {"retry-after": str(e.retry_after)}
             return JSONResponse(error_body(e.code, e.message), status_code=e.http_status,
                                 headers=final)
         except Exception as e:
@@ -111,11 +120,44 @@ def params_of(body: dict[str, Any]) -> dict[str, Any]:
         raise QmgrError("stop must be a string or a list of strings", code="bad_request")
     if body.get("n", 1) != 1:
         raise QmgrError("n must be 1: one choice per request", code="bad_request")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        params["format"] = "json"
+    elif isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise QmgrError("response_format json_schema needs json_schema.schema (an "
+                            "object)", code="bad_request")
+        params["format"] = schema
+    elif fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise QmgrError("response_format: {\"type\": \"text\"}, \"json_object\" or "
+                        "\"json_schema\"", code="bad_request")
     return params
 
 
-def _content(message: Any) -> dict[str, str]:
-    """A chat message as qmgr's runner takes it: text content (a list of text parts joined)."""
+def tools_of(body: dict[str, Any], params: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's tools as the model is shown them, with ``tool_choice`` applied:
+    ``"none"`` shows none; ``"required"`` or a named function holds the sampler to a call."""
+    tools = tooling.check_tools(body.get("tools"))
+    choice = body.get("tool_choice")
+    if not tools or choice in (None, "auto"):
+        return tools
+    if choice == "none":
+        return None
+    if choice == "required":
+        params["format"] = tooling.call_schema(tools)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        params["format"] = tooling.call_schema(tools, choice["function"].get("name"))
+    else:
+        raise QmgrError('tool_choice: "none", "auto", "required" or {"type": "function", '
+                        '"function": {"name": ...}}', code="bad_request")
+    return tools
+
+
+def _content(message: Any) -> dict[str, Any]:
+    """A chat message as qmgr's runner takes it: text content (a list of text parts joined),
+    an assistant's ``tool_calls`` (their JSON-text arguments as objects) and a tool result's
+    ``tool_call_id``."""
     if not isinstance(message, dict):
         raise QmgrError("messages must be a list of {role, content} objects",
                         code="bad_request")
@@ -134,7 +176,33 @@ def _content(message: Any) -> dict[str, str]:
     role = message.get("role", "user")
     if not isinstance(role, str):
         raise QmgrError("a message's role must be a string", code="bad_request")
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        out["tool_calls"] = [_call_in(c) for c in calls]
+    if role == "tool" and message.get("name"):
+        out["tool_name"] = message["name"]
+    return out
+
+
+def _call_in(call: Any) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise QmgrError("a tool call must be {\"type\": \"function\", \"function\": "
+                        "{\"name\", \"arguments\"}}", code="bad_request")
+    args = function.get("arguments") or "{}"
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise QmgrError("a tool call's arguments must be JSON", code="bad_request") from None
+    return {"function": {"name": function.get("name"), "arguments": args}}
+
+
+def _calls_out(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls in OpenAI's shape: ids, and arguments as JSON text."""
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+            for c in calls]
 
 
 def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Route]:
@@ -169,10 +237,14 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         if not isinstance(messages, list) or not messages:
             raise QmgrError("messages must be a non-empty list of {role, content} objects",
                             code="bad_request")
-        req = {"op": "chat", "messages": [_content(m) for m in messages],
-               "params": params_of(body)}
+        params = params_of(body)
+        tools = tools_of(body, params)
+        req: dict[str, Any] = {"op": "chat", "messages": [_content(m) for m in messages],
+                               "params": params}
+        if tools:
+            req["tools"] = tools
         ref, runner = await run_in_threadpool(_load, body.get("model"))
-        return await _respond(ref, runner, req, body, chat=True)
+        return await _respond(ref, runner, req, body, chat=True, tools=tools)
 
     @_answers_errors
     async def complete(request: Request) -> Response:
@@ -186,8 +258,40 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         ref, runner = await run_in_threadpool(_load, body.get("model"))
         return await _respond(ref, runner, req, body, chat=False)
 
+    @_answers_errors
+    async def embeddings(request: Request) -> Response:
+        body = await body_of(request)
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs or not all(
+                isinstance(i, str) for i in inputs):
+            raise QmgrError("input must be a string or a non-empty list of strings (token "
+                            "arrays are not taken)", code="bad_request")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise QmgrError("encoding_format: float or base64", code="bad_request")
+        ref, runner = await run_in_threadpool(_load, body.get("model"))
+        messages = relay(runner, {"op": "embed", "input": inputs, "truncate": True})
+        try:
+            _text, stats = await whole(messages)
+        finally:
+            await messages.aclose()
+        vectors = stats.get("embeddings") or []
+        if encoding == "base64":
+            import base64
+            import struct
+
+            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+                       for v in vectors]
+        tokens = stats.get("prompt_tokens", 0)
+        return JSONResponse({"object": "list", "model": ref, "data": [
+            {"object": "embedding", "index": i, "embedding": v}
+            for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     return [
         Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
         Route("/v1/models/{model:path}", retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", complete, methods=["POST"]),
@@ -195,11 +299,10 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
 
 
 async def _respond(model: str, runner: Runner, req: dict[str, Any], body: dict[str, Any],
-                   chat: bool) -> Response:
+                   chat: bool, tools: list[dict[str, Any]] | None = None) -> Response:
     """One completion object, or its chunks as Server-Sent Events. The runner's first answer
     is awaited before the status is sent, so that a refusal (no chat template) is an HTTP
     error like any other rather than an event in a 200 stream."""
-    messages = relay(runner, req)
     max_tokens = GenParams.from_dict(req["params"]).max_tokens
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
             "object": "chat.completion" if chat else "text_completion",
@@ -213,23 +316,22 @@ async def _respond(model: str, runner: Runner, req: dict[str, Any], body: dict[s
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "total_tokens": prompt + completion}
 
-    try:
-        first = await anext(messages)
-    except StopAsyncIteration:
-        first = {"error": {"code": "runner_died", "message": "the runner answered nothing"}}
-    if "error" in first:
-        await messages.aclose()
-        raise QmgrError(first["error"]["message"], code=first["error"]["code"])
+    messages = await answering(runner, req)
 
     if not body.get("stream"):
         try:
-            text, stats = await whole(_after(first, messages))
+            text, stats = await whole(messages)
         finally:
             await messages.aclose()
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
+        calls = tooling.tool_calls(text, tools)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message.update(content=None, tool_calls=_calls_out(calls))
+        choice = ({"index": 0, "message": message} if chat
                   else {"index": 0, "text": text, "logprobs": None})
-        return JSONResponse({**head, "choices": [{**choice, "finish_reason": finish(stats)}],
-                             "usage": usage(stats)})
+        return JSONResponse({**head, "choices": [{
+            **choice, "finish_reason": "tool_calls" if calls else finish(stats)}],
+            "usage": usage(stats)})
 
     options = body.get("stream_options") or {}
     with_usage = isinstance(options, dict) and options.get("include_usage") is True
@@ -246,19 +348,32 @@ async def _respond(model: str, runner: Runner, req: dict[str, Any], body: dict[s
         return {"text": text, "logprobs": None, "finish_reason": finish_reason}
 
     async def events() -> AsyncIterator[str]:
+        text: list[str] = []  # with tools: sent whole, once it is known to be a call or not
         try:
             if chat:
                 yield event({"delta": {"role": "assistant", "content": ""},
                              "finish_reason": None})
-            async for msg in _after(first, messages):
+            async for msg in messages:
                 if "error" in msg:
                     err = msg["error"]
                     yield f"data: {json.dumps(error_body(err['code'], err['message']))}\n\n"
                     return
-                if msg.get("text"):
+                if msg.get("text") and tools:
+                    text.append(msg["text"])
+                elif msg.get("text"):
                     yield event(piece(msg["text"]))
                 if "done" in msg:
                     stats = msg["done"]
+                    calls = tooling.tool_calls("".join(text), tools)
+                    if calls:
+                        deltas = [{**c, "index": i} for i, c in enumerate(_calls_out(calls))]
+                        yield event({"delta": {"tool_calls": deltas}, "finish_reason": None})
+                        yield event({"delta": {}, "finish_reason": "tool_calls"})
+                        if with_usage:
+                            yield event(None, usage=usage(stats))
+                        continue
+                    if text:
+                        yield event(piece("".join(text)))
                     yield event(piece("", finish(stats)))
                     if with_usage:
                         yield event(None, usage=usage(stats))
@@ -268,9 +383,3 @@ async def _respond(model: str, runner: Runner, req: dict[str, Any], body: dict[s
 
     return StreamingResponse(events(), media_type=SSE, headers={"Cache-Control": "no-cache"})
 
-
-async def _after(first: dict[str, Any], rest: AsyncGenerator[dict[str, Any], None]
-                 ) -> AsyncIterator[dict[str, Any]]:
-    yield first
-    async for msg in rest:
-        yield msg
