@@ -26,11 +26,15 @@ from qmgr.errors import QmgrError
 
 UNIT_QMGRD = "/usr/bin/qmgrd"
 UNITS = ("qmgr.socket", "qmgr.service")
+# The API listener's socket: always written, enabled when the configuration sets `listen`
+# (at that address), disabled otherwise, so that it follows the configuration.
+API_UNIT = "qmgr-api.socket"
 
 # Unit files (relative to units_dir()) and where they go, relative to the root file system.
 SYSTEM_FILES = {
     "qmgr.service": "etc/systemd/system/qmgr.service",
     "qmgr.socket": "etc/systemd/system/qmgr.socket",
+    "qmgr-api.socket": "etc/systemd/system/qmgr-api.socket",
     "sysusers.d/qmgr.conf": "etc/sysusers.d/qmgr.conf",
     "tmpfiles.d/qmgr.conf": "etc/tmpfiles.d/qmgr.conf",
 }
@@ -38,6 +42,7 @@ SYSTEM_FILES = {
 USER_FILES = {
     "user/qmgr.service": "qmgr.service",
     "user/qmgr.socket": "qmgr.socket",
+    "user/qmgr-api.socket": "qmgr-api.socket",
 }
 
 # What the system service cannot see (ProtectHome=yes): qmgrd must not live there.
@@ -101,6 +106,40 @@ def render(text: str, qmgrd: Path) -> str:
     return rendered if count else text
 
 
+def service_settings(system: bool, root: Path | None = None) -> settings_mod.Settings:
+    """The settings the installed daemon will have: from its configuration file (the image's,
+    under ``root``), not from this shell's QMGR_* variables, which it will not see."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QMGR_")}
+    if root is not None:
+        env["QMGR_CONFIG"] = str(root / settings_mod.SYSTEM_CONFIG.relative_to("/"))
+    return settings_mod.load(system=system, env=env)
+
+
+def api_listen_stream(s: settings_mod.Settings) -> str | None:
+    """The ``ListenStream=`` of qmgr-api.socket for ``s.listen`` (None: no listener), checked
+    as the daemon checks it: an install that would give a service that cannot start fails."""
+    import ipaddress
+
+    if not s.listen:
+        return None
+    host, port = settings_mod.check_listen(s.listen, s.api_key)
+    if host == "localhost" or host.endswith(".localhost"):
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise QmgrError(f"listen {s.listen} (in {s.config_file}): a systemd socket listens on "
+                        "an IP address, not a host name: write the address (e.g. "
+                        f"listen = \"0.0.0.0:{port}\")", code="bad_config") from None
+    return settings_mod.format_listen(host, port)
+
+
+def render_listen(text: str, listen_stream: str) -> str:
+    """A socket unit's text listening at ``listen_stream`` instead of its own address."""
+    return re.sub(r"^ListenStream=.*$", lambda _: f"ListenStream={listen_stream}", text,
+                  count=1, flags=re.M)
+
+
 def check_visible_to_system_service(qmgrd: Path) -> None:
     """Refuse a qmgrd the sandboxed system service could not run (it would fail at boot):
     the program, its environment and the Python it was made from must all be visible."""
@@ -144,20 +183,25 @@ def _systemctl(system: bool, root: Path | None, *args: str) -> list[str]:
 def plan_install(system: bool, root: Path | None = None, qmgrd: Path | None = None) -> Plan:
     qmgrd = qmgrd or find_qmgrd()
     source = units_dir()
+    listen_stream = api_listen_stream(service_settings(system, root))
     files: dict[Path, str] = {}
     if system:
         if root is None:  # an image is checked when it boots, not on the machine building it
             check_visible_to_system_service(qmgrd)
         base = root or Path("/")
-        for name, dest in SYSTEM_FILES.items():
-            files[base / dest] = render((source / name).read_text(), qmgrd)
+        destinations = {name: base / dest for name, dest in SYSTEM_FILES.items()}
     else:
-        for name, dest in USER_FILES.items():
-            files[user_units_dir() / dest] = render((source / name).read_text(), qmgrd)
+        destinations = {name: user_units_dir() / dest for name, dest in USER_FILES.items()}
+    for name, dest in destinations.items():
+        text = render((source / name).read_text(), qmgrd)
+        if dest.name == API_UNIT and listen_stream:
+            text = render_listen(text, listen_stream)
+        files[dest] = text
+    enabled = [API_UNIT, *UNITS] if listen_stream else list(UNITS)
     if root is not None:
         # An image: the account goes into its /etc/passwd; its /run is made at its boot.
         return Plan(files, [["systemd-sysusers", f"--root={root}", "qmgr.conf"],
-                            _systemctl(system, root, "enable", *UNITS)])
+                            _systemctl(system, root, "enable", *enabled)])
     commands = []
     if system:
         # What would happen at boot: the account and /run/qmgr, before the socket needs them.
@@ -165,9 +209,12 @@ def plan_install(system: bool, root: Path | None = None, qmgrd: Path | None = No
         commands.append(["systemd-tmpfiles", "--create",
                          "/" + SYSTEM_FILES["tmpfiles.d/qmgr.conf"]])
     commands.append(_systemctl(system, root, "daemon-reload"))
-    # A reinstall (a new qmgrd, new units) takes effect now, not at the next boot.
-    commands.append(_systemctl(system, root, "stop", *UNITS))
-    return Plan(files, commands, start=_systemctl(system, root, "enable", "--now", *UNITS))
+    # A reinstall (a new qmgrd, new units) takes effect now, not at the next boot. The API's
+    # socket stops too: systemd refuses to start a socket while its service runs.
+    commands.append(_systemctl(system, root, "stop", API_UNIT, *UNITS))
+    if not listen_stream:
+        commands.append(_systemctl(system, root, "disable", API_UNIT))
+    return Plan(files, commands, start=_systemctl(system, root, "enable", "--now", *enabled))
 
 
 def plan_uninstall(system: bool, root: Path | None = None) -> Plan:
@@ -180,10 +227,13 @@ def plan_uninstall(system: bool, root: Path | None = None) -> Plan:
     present = {path: "" for path in files if path.exists()}
     if not present:
         return Plan({}, [])
+    # The API's socket only where it is (a qmgr before it installed none): systemctl fails
+    # on a unit it does not know.
+    units = [API_UNIT, *UNITS] if any(path.name == API_UNIT for path in present) else UNITS
     if root is not None:
-        return Plan(present, [_systemctl(system, root, "disable", *UNITS)])
+        return Plan(present, [_systemctl(system, root, "disable", *units)])
     # Disabled and stopped before the files go, reloaded after.
-    return Plan(present, [_systemctl(system, root, "disable", "--now", *UNITS),
+    return Plan(present, [_systemctl(system, root, "disable", "--now", *units),
                           _systemctl(system, root, "daemon-reload")])
 
 

@@ -50,6 +50,8 @@ KNOBS = {k.name: k for k in (
          "(config `hw`)"),
     Knob("QMGR_LISTEN", "str", None, "HOST:PORT of the Ollama/OpenAI API listener (config "
          "`listen`)"),
+    Knob("QMGR_ORIGINS", "list", None, "web origins a browser may call the API listener from, "
+         "besides this machine's own (config `origins`)"),
     Knob("QMGR_PLUGINS", "list", None, "entry-point plugins to load; set but empty loads "
          "none"),
     Knob("QMGR_DISABLE_PLUGINS", "list", [], "plugins never to load, built-ins included"),
@@ -76,8 +78,11 @@ KNOBS = {k.name: k for k in (
          "last request"),
     Knob("QMGR_MAX_LOADED", "int", None, "models loaded at once at most (default: as many as "
          "the memory holds)"),
+    Knob("QMGR_MAX_QUEUE", "int", 32, "requests that may wait for one loaded model; more are "
+         "refused with 503 and Retry-After"),
     Knob("QMGR_WARM_WORKERS", "bool", True, "an idle worker process is kept ready for the "
-         "next quantize/eval job"),
+         "next quantize/eval job, and with the API listener an idle runner for the next "
+         "model load"),
     Knob("QMGR_HASH_WHILE_WRITING", "bool", True, "the llama.cpp quantizer's worker hashes "
          "its output while it is written (else the daemon hashes it after)"),
 )}
@@ -144,6 +149,9 @@ class Settings:
     listen: str | None = None
     # The key those programs must send (Authorization: Bearer KEY); required off loopback.
     api_key: str | None = None
+    # Web origins (``https://chat.example.com``, ``*`` in a pattern for any characters, ``*``
+    # alone for any origin) whose pages may call the API listener, besides the local ones.
+    origins: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def store(self) -> Path:
@@ -261,7 +269,70 @@ def load(
     chosen_listen = pick(listen, "QMGR_LISTEN", "listen")
     s.listen = str(chosen_listen) if chosen_listen else None
     s.api_key = str(config["api_key"]) if config.get("api_key") else None
+    s.origins = _origins(pick(None, "QMGR_ORIGINS", "origins"))
     return s
+
+
+def _origins(value: Any) -> list[str]:
+    """The ``origins`` setting: a list of strings (a string is split at commas, as the
+    environment's is)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        from qmgr.errors import QmgrError
+
+        raise QmgrError(f"origins = {value!r}: expected a list of strings, e.g. "
+                        '["https://chat.example.com"]', code="bad_config")
+    return [v.strip() for v in value if v.strip()]
+
+
+# -- the API listener's address ---------------------------------------------------------------
+# Here rather than in qmgr.serve: `qmgr service install` checks it too, in the client.
+
+DEFAULT_LISTEN = "127.0.0.1:11434"  # Ollama's
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:11434`` for IPv6) -> (host, port); a clear error otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        from qmgr.errors import QmgrError
+
+        raise QmgrError(f"listen {value!r}: expected HOST:PORT, e.g. {DEFAULT_LISTEN}",
+                        code="bad_config")
+    return host, int(port)
+
+
+def format_listen(host: str, port: int) -> str:
+    """The inverse of :func:`parse_listen`: ``[::1]:11434`` for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_listen(listen: str, api_key: str | None) -> tuple[str, int]:
+    """Where to listen; refused off loopback without an API key (anyone on the network could
+    otherwise use, pull into and fill this machine)."""
+    host, port = parse_listen(listen)
+    if not is_loopback(host) and not api_key:
+        from qmgr.errors import QmgrError
+
+        raise QmgrError(f"listen {listen}: serving beyond this machine needs an api_key in "
+                        "the configuration file (programs then send Authorization: Bearer "
+                        "KEY)", code="bad_config")
+    return host, port
 
 
 def client_socket(s: Settings) -> Path:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import pytest
 from conftest import QMGRD, Env
 
@@ -78,13 +79,24 @@ def verify(paths: list[Path], *, user: bool, tmp: Path) -> str:
 
 
 def test_system_units_verify(tmp_path: Path) -> None:
-    paths = rendered_units(tmp_path / "system", ["qmgr.service", "qmgr.socket"])
+    paths = rendered_units(tmp_path / "system",
+                           ["qmgr.service", "qmgr.socket", "qmgr-api.socket"])
     assert verify(paths, user=False, tmp=tmp_path) == ""
 
 
 def test_user_units_verify(tmp_path: Path) -> None:
-    paths = rendered_units(tmp_path / "user", ["user/qmgr.service", "user/qmgr.socket"])
+    paths = rendered_units(tmp_path / "user",
+                           ["user/qmgr.service", "user/qmgr.socket", "user/qmgr-api.socket"])
     assert verify(paths, user=True, tmp=tmp_path) == ""
+
+
+def test_the_api_socket_verifies_at_the_configured_address(tmp_path: Path) -> None:
+    [path] = rendered_units(tmp_path / "api", ["qmgr-api.socket"])
+    path.write_text(service.render_listen(path.read_text(), "[::1]:8080"))
+    paths = [path, *rendered_units(tmp_path / "api", ["qmgr.service", "qmgr.socket"])]
+    assert verify(paths, user=False, tmp=tmp_path) == ""
+    assert re.findall(r"^ListenStream=.*$", path.read_text(), flags=re.M) == [
+        "ListenStream=[::1]:8080"]
 
 
 def test_render_quotes_a_path_systemd_would_misread(tmp_path: Path) -> None:
@@ -179,6 +191,18 @@ def test_socket_unit_matches_the_paths_the_client_uses() -> None:
                      flags=re.M)
 
 
+@pytest.mark.parametrize("where", ["", "user/"])
+def test_the_api_socket_is_named_for_the_daemon(where: str) -> None:
+    from qmgr import settings
+    from qmgr.daemon.main import API_FDNAME
+
+    api = (UNITS / f"{where}qmgr-api.socket").read_text()
+    assert f"ListenStream={settings.DEFAULT_LISTEN}\n" in api
+    assert f"FileDescriptorName={API_FDNAME}\n" in api and "Service=qmgr.service\n" in api
+    own = (UNITS / f"{where}qmgr.socket").read_text()
+    assert re.findall(r"^FileDescriptorName=(.*)$", own, flags=re.M) == ["qmgr"]
+
+
 # -- install -------------------------------------------------------------------------------
 
 
@@ -192,17 +216,45 @@ def test_install_into_an_image_root(qenv: Env) -> None:
     assert (units / "qmgr.socket").read_text() == (UNITS / "qmgr.socket").read_text()
     assert (units / "sockets.target.wants/qmgr.socket").is_symlink()
     assert (units / "multi-user.target.wants/qmgr.service").is_symlink()
+    # The API's socket is there to enable, and is not: the image's config sets no listen.
+    assert (units / "qmgr-api.socket").read_text() == (UNITS / "qmgr-api.socket").read_text()
+    assert not (units / "sockets.target.wants/qmgr-api.socket").exists()
     assert (image / "etc/tmpfiles.d/qmgr.conf").is_file()
     passwd = (image / "etc/passwd").read_text()
     assert re.search(r"^qmgr:x:\d+:\d+:[^:]*:/var/lib/qmgr:", passwd, flags=re.M), passwd
 
     qenv.qmgr("service", "uninstall", "--system", "--root", str(image))
     assert not (units / "qmgr.service").exists() and not (units / "qmgr.socket").exists()
+    assert not (units / "qmgr-api.socket").exists()
     assert not (units / "sockets.target.wants/qmgr.socket").exists()
     assert not (image / "etc/tmpfiles.d/qmgr.conf").exists()
     assert "qmgr:x:" in (image / "etc/passwd").read_text()  # it owns the data, which stays
     r = qenv.qmgr("service", "uninstall", "--system", "--root", str(image))
     assert "not installed" in r.stderr
+
+
+def test_an_image_whose_config_listens_gets_the_api_socket_enabled(qenv: Env) -> None:
+    need("systemctl")
+    need("systemd-sysusers")
+    image = qenv.root / "image"
+    config = image / "etc/qmgr/config.toml"
+    config.parent.mkdir(parents=True)
+    # Off loopback without a key the service would not start: refused, nothing written.
+    config.write_text('listen = "0.0.0.0:8080"\n')
+    r = qenv.qmgr("service", "install", "--system", "--root", str(image), check=False)
+    assert r.returncode == 1 and "needs an api_key" in r.stderr and "Traceback" not in r.stderr
+    assert not (image / "etc/systemd").exists()
+    # localhost is a name systemd cannot listen on: its address is written instead.
+    config.write_text('listen = "localhost:8080"\n')
+    qenv.qmgr("service", "install", "--system", "--root", str(image))
+    units = image / "etc/systemd/system"
+    api = (units / "qmgr-api.socket").read_text()
+    assert re.findall(r"^ListenStream=.*$", api, flags=re.M) == ["ListenStream=127.0.0.1:8080"]
+    assert (units / "sockets.target.wants/qmgr-api.socket").is_symlink()
+    assert (units / "sockets.target.wants/qmgr.socket").is_symlink()
+    qenv.qmgr("service", "uninstall", "--system", "--root", str(image))
+    assert not (units / "sockets.target.wants/qmgr-api.socket").exists()
+    assert not (units / "qmgr-api.socket").exists()
 
 
 FAKE_SYSTEMCTL = """#!/bin/sh
@@ -228,26 +280,52 @@ def test_user_install_enables_the_units_and_replaces_an_autostarted_daemon(qenv:
     r = qenv.qmgr("service", "install", "--user")
     assert proc.wait(timeout=30) == 0, "the unmanaged daemon was not stopped"
     assert f"stopped the qmgrd that systemd did not start (pid {proc.pid})" in r.stderr
+    # No listen in the configuration: the API's socket is written, stopped and disabled.
     assert log.read_text().splitlines() == [
         "--user daemon-reload",
-        "--user stop qmgr.socket qmgr.service",
+        "--user stop qmgr-api.socket qmgr.socket qmgr.service",
+        "--user disable qmgr-api.socket",
         "--user enable --now qmgr.socket qmgr.service",
     ]
     units = qenv.root / "config/systemd/user"
     assert f"ExecStart={QMGRD}\n" in (units / "qmgr.service").read_text()
     assert (units / "qmgr.socket").read_text() == (UNITS / "user/qmgr.socket").read_text()
+    assert (units / "qmgr-api.socket").read_text() == \
+        (UNITS / "user/qmgr-api.socket").read_text()
+
+    # With listen in the file the user's service reads (not QMGR_LISTEN, which it would not
+    # see), the API's socket listens there and is enabled with the others.
+    (qenv.root / "config/qmgr").mkdir()
+    (qenv.root / "config/qmgr/config.toml").write_text('listen = "[::1]:8181"\n')
+    qenv.env["QMGR_LISTEN"] = "127.0.0.1:9999"
+    log.unlink()
+    qenv.qmgr("service", "install", "--user")
+    del qenv.env["QMGR_LISTEN"]
+    assert log.read_text().splitlines() == [
+        "--user daemon-reload",
+        "--user stop qmgr-api.socket qmgr.socket qmgr.service",
+        "--user enable --now qmgr-api.socket qmgr.socket qmgr.service",
+    ]
+    assert "ListenStream=[::1]:8181\n" in (units / "qmgr-api.socket").read_text()
 
     log.unlink()
     qenv.env["SYSTEMCTL_FAIL"] = "1"
     r = qenv.qmgr("service", "uninstall", "--user", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "`systemctl --user disable --now qmgr.socket qmgr.service` failed (1)" in r.stderr
+    assert "`systemctl --user disable --now qmgr-api.socket qmgr.socket qmgr.service` " \
+        "failed (1)" in r.stderr
     assert "Failed to connect to bus" in r.stderr
     del qenv.env["SYSTEMCTL_FAIL"]
     qenv.qmgr("service", "uninstall", "--user")
     assert not any(units.iterdir())
     assert log.read_text().splitlines()[-2:] == [
-        "--user disable --now qmgr.socket qmgr.service", "--user daemon-reload"]
+        "--user disable --now qmgr-api.socket qmgr.socket qmgr.service",
+        "--user daemon-reload"]
+    # Units an older qmgr installed (no API socket): systemctl is not asked about it.
+    for name in ("qmgr.service", "qmgr.socket"):
+        (units / name).write_text((UNITS / "user" / name).read_text())
+    qenv.qmgr("service", "uninstall", "--user")
+    assert log.read_text().splitlines()[-2] == "--user disable --now qmgr.socket qmgr.service"
 
 
 @pytest.mark.skipif(os.path.isdir("/run/systemd/system") or os.geteuid() != 0,
@@ -277,35 +355,102 @@ def test_system_install_refuses_a_qmgrd_the_sandbox_hides(tmp_path: Path) -> Non
 # -- socket activation -----------------------------------------------------------------------
 
 
-def test_daemon_serves_the_socket_systemd_passes(qenv: Env) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def socket_activate(qenv: Env, *listen: str, fdnames: str | None = None
+                    ) -> subprocess.Popen[bytes]:
+    """qmgrd under systemd-socket-activate, which holds the sockets at ``listen`` and starts
+    the daemon on the first connection to any of them, passing them all (named ``fdnames``,
+    NAME:NAME..., or unnamed)."""
     activate = need("systemd-socket-activate")
-    qenv.socket.parent.mkdir(parents=True)
+    qenv.socket.parent.mkdir(parents=True, exist_ok=True)
     passed = [f"--setenv={k}={v}" for k, v in qenv.env.items() if k.startswith("QMGR_")]
+    names = [f"--fdname={fdnames}"] if fdnames else []
     with open(qenv.root / "qmgrd.log", "wb") as log:
-        proc = subprocess.Popen([activate, f"--listen={qenv.socket}", *passed, QMGRD],
-                                env=qenv.env, stdout=log, stderr=log)
-    try:
-        # systemd-socket-activate starts qmgrd on the first connection, which it then serves.
-        for _ in range(600):
-            if qenv.socket.exists():
-                break
-            assert proc.poll() is None
-            threading.Event().wait(0.05)
-        inode = qenv.socket.stat().st_ino
-        qenv.env["QMGR_NO_AUTOSTART"] = "1"
-        status = qenv.json("status")
-        assert status["pid"] == proc.pid  # the activated process, not one the client started
-        assert "using the socket passed by systemd" in qenv.daemon_log()
-        # It did not bind a socket or take a lock of its own.
-        assert qenv.socket.stat().st_ino == inode
-        assert not (qenv.socket.parent / "qmgr.sock.lock").exists()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, qenv.daemon_log()
-        assert qenv.socket.exists()  # systemd's to remove, not the daemon's
-    finally:
+        proc = subprocess.Popen([activate, *(f"--listen={where}" for where in listen), *names,
+                                 *passed, QMGRD], env=qenv.env, stdout=log, stderr=log)
+    for _ in range(600):
+        if qenv.socket.exists():
+            return proc
+        assert proc.poll() is None, qenv.daemon_log()
+        threading.Event().wait(0.05)
+    proc.kill()
+    raise AssertionError("systemd-socket-activate did not listen:\n" + qenv.daemon_log())
+
+
+@pytest.fixture
+def activated(qenv: Env) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_daemon_serves_the_socket_systemd_passes(
+        qenv: Env, activated: list[subprocess.Popen[bytes]]) -> None:
+    proc = socket_activate(qenv, str(qenv.socket))
+    activated.append(proc)
+    # systemd-socket-activate starts qmgrd on the first connection, which it then serves.
+    inode = qenv.socket.stat().st_ino
+    qenv.env["QMGR_NO_AUTOSTART"] = "1"
+    status = qenv.json("status")
+    assert status["pid"] == proc.pid  # the activated process, not one the client started
+    assert "using the socket passed by systemd" in qenv.daemon_log()
+    # It did not bind a socket or take a lock of its own.
+    assert qenv.socket.stat().st_ino == inode
+    assert not (qenv.socket.parent / "qmgr.sock.lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, qenv.daemon_log()
+    assert qenv.socket.exists()  # systemd's to remove, not the daemon's
+
+
+def test_daemon_serves_the_api_on_the_tcp_socket_systemd_passes(
+        qenv: Env, activated: list[subprocess.Popen[bytes]]) -> None:
+    # As qmgr.socket and qmgr-api.socket pass them (in no particular order); no listen is
+    # configured: the passed socket is the API listener.
+    port = free_port()
+    proc = socket_activate(qenv, f"127.0.0.1:{port}", str(qenv.socket), fdnames="api:qmgr")
+    activated.append(proc)
+    # The first connection, to the API's port, starts the daemon; it is answered once it runs.
+    url = f"http://127.0.0.1:{port}"
+    r = httpx.get(url + "/", timeout=60)
+    assert r.status_code == 200 and r.text == "Ollama is running"
+    assert httpx.get(url + "/api/tags").json() == {"models": []}
+    # The loopback rules hold on the passed socket as on one the daemon binds.
+    assert httpx.get(url + "/api/tags", headers={"Host": "evil.example"}).status_code == 403
+    log = qenv.daemon_log()
+    assert "using the API socket passed by systemd" in log
+    assert f"serving Ollama's API on http://127.0.0.1:{port}" in log
+    # qmgr's own socket is served by the same process, and its API is not on the TCP port.
+    qenv.env["QMGR_NO_AUTOSTART"] = "1"
+    assert qenv.json("status")["pid"] == proc.pid
+    assert httpx.get(url + "/v1/status").status_code == 404
+    assert not (qenv.socket.parent / "qmgr.sock.lock").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, qenv.daemon_log()
+
+
+@pytest.mark.parametrize(("host", "fdnames", "refusal"), [
+    # A passed listener obeys the rule a configured one does.
+    ("0.0.0.0", "qmgr:api", "serving beyond this machine needs an api_key"),
+    # Unnamed, a TCP socket is not taken for qmgr's own (it trusts callers by their uid).
+    ("127.0.0.1", None, "qmgr's own API is served on a Unix socket only"),
+])
+def test_daemon_refuses_a_tcp_socket_it_must_not_serve(
+        qenv: Env, activated: list[subprocess.Popen[bytes]], host: str, fdnames: str | None,
+        refusal: str) -> None:
+    proc = socket_activate(qenv, str(qenv.socket), f"{host}:{free_port()}", fdnames=fdnames)
+    activated.append(proc)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(qenv.socket))  # starts the daemon
+        assert proc.wait(timeout=60) == 1, qenv.daemon_log()
+    assert refusal in qenv.daemon_log()
 
 
 # -- sd_notify: READY, STATUS, WATCHDOG, STOPPING, RELOADING ---------------------------------

@@ -1,7 +1,8 @@
 """``qmgrd``: open the catalog, recover, bind the socket, serve, tell systemd.
 
 Order at start: lock the socket path (one daemon per socket), migrate, reconcile files, load
-plugins, start the watcher, bind (or adopt systemd's socket), serve, and only then send
+plugins, start the watcher, bind (or adopt systemd's sockets: qmgr's own, and the API
+listener's when qmgr-api.socket passes it as ``api``), serve, and only then send
 ``READY=1``. SIGTERM/SIGINT stop it cleanly (``STOPPING=1``, in-flight requests finish).
 SIGHUP re-reads the config file and applies what can change while running (log level, watch
 settle time), between ``RELOADING=1`` and ``READY=1``.
@@ -90,7 +91,7 @@ def bind_socket(path: Path) -> socket.socket:
 
 # What a reload can change in a running daemon; the rest needs a restart.
 RELOADABLE = ("log_level", "watch_settle")
-RESTART_ONLY = ("home", "socket", "database_url", "listen")
+RESTART_ONLY = ("home", "socket", "database_url", "listen", "origins")
 
 
 def reload_settings(s: Settings, daemon: Any, flags: dict[str, Any]) -> None:
@@ -132,9 +133,11 @@ def serving_status(s: Settings, daemon: Any) -> str:
     return f"serving {s.socket}" + (f"; at start: {', '.join(notes)}" if notes else "")
 
 
-async def serve(s: Settings, sock: socket.socket, daemon: Any,
+async def serve(s: Settings, socks: list[socket.socket], daemon: Any,
                 flags: dict[str, Any] | None = None,
-                listener: socket.socket | None = None) -> None:
+                listeners: list[tuple[socket.socket, str]] | None = None) -> None:
+    """Serve qmgr's API on ``socks`` and, on ``listeners`` (each with the HOST:PORT it was
+    checked as), Ollama's and OpenAI's."""
     import uvicorn
 
     from qmgr.daemon.app import build_app
@@ -159,18 +162,20 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any,
     )
     server = Server(config)
     servers.append(server)
-    listening = []
-    if listener is not None and s.listen:
+    serving = [server.serve(sockets=socks)]
+    if listeners:
         from qmgr.serve.app import build_api_app
 
         api = build_api_app(daemon.catalog, daemon.running, daemon.models, daemon.puller,
-                            daemon.fitter, daemon.jobs, s.listen, s.api_key)
+                            daemon.fitter, daemon.jobs, [address for _, address in listeners],
+                            s.api_key, s.origins)
         servers.append(Server(uvicorn.Config(api, log_config=None, lifespan="off",
                                              access_log=s.log_level == "debug",
                                              timeout_graceful_shutdown=10)))
-        listening.append((servers[-1], listener))
-        host, port = listener.getsockname()[:2]
-        log.info("serving Ollama's API on http://%s:%d", host, port)
+        serving.append(servers[-1].serve(sockets=[tcp for tcp, _ in listeners]))
+        for tcp, _ in listeners:
+            log.info("serving Ollama's API on http://%s",
+                     settings_mod.format_listen(*tcp.getsockname()[:2]))
 
     async def tell_systemd() -> None:
         while not server.started:
@@ -196,8 +201,7 @@ async def serve(s: Settings, sock: socket.socket, daemon: Any,
     notifier = asyncio.create_task(tell_systemd())
     for each in servers:
         each.should_exit = bool(EARLY_SIGNALS)
-    await asyncio.gather(server.serve(sockets=[sock]),
-                         *(api_server.serve(sockets=[tcp]) for api_server, tcp in listening))
+    await asyncio.gather(*serving)
     notifier.cancel()
 
 
@@ -211,9 +215,7 @@ EARLY_RELOAD: list[int] = []
 
 def bind_listener(listen: str, api_key: str | None) -> socket.socket:
     """The TCP socket of the API listener (``listen``: HOST:PORT), or why not."""
-    from qmgr.serve.app import check_listen
-
-    host, port = check_listen(listen, api_key)
+    host, port = settings_mod.check_listen(listen, api_key)
     try:
         return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
                                     else socket.AF_INET)
@@ -223,15 +225,66 @@ def bind_listener(listen: str, api_key: str | None) -> socket.socket:
                         code="bad_config") from None
 
 
+# FileDescriptorName= of qmgr-api.socket: the API listener's socket, when systemd holds it.
+API_FDNAME = "api"
+
+
+def sort_passed(passed: list[tuple[str, socket.socket]]) -> tuple[list[socket.socket],
+                                                                   list[socket.socket]]:
+    """systemd's sockets: qmgr's own (any name but ``api``) and the API listener's.
+
+    Each must be of its kind, or the daemon does not start: qmgr's own API trusts whoever
+    connects by their uid (SO_PEERCRED) and must never be on an IP socket.
+    """
+    own: list[socket.socket] = []
+    api: list[socket.socket] = []
+    for name, sock in passed:
+        ip = sock.family in (socket.AF_INET, socket.AF_INET6)
+        where = settings_mod.format_listen(*sock.getsockname()[:2]) if ip else \
+            sock.getsockname() or "an unnamed socket"
+        if name == API_FDNAME and not ip:
+            raise QmgrError(f"systemd passed {where} as {API_FDNAME!r}: the API listener needs "
+                            "a TCP socket (ListenStream=127.0.0.1:11434, as in "
+                            "qmgr-api.socket)", code="bad_config")
+        if name != API_FDNAME and ip:
+            raise QmgrError(f"systemd passed the TCP socket {where} (named {name!r}): qmgr's "
+                            "own API is served on a Unix socket only; to serve Ollama's API "
+                            f"there, name it {API_FDNAME!r} (FileDescriptorName={API_FDNAME}, "
+                            "as in qmgr-api.socket)", code="bad_config")
+        (api if ip else own).append(sock)
+    return own, api
+
+
+def api_listeners(s: Settings, passed: list[socket.socket]) -> list[tuple[socket.socket, str]]:
+    """The API listener's sockets, each with the HOST:PORT it is checked as: those systemd
+    passed (``listen`` is then not bound: systemd holds the port), else one bound at
+    ``listen``, else none. A passed one obeys the same rule: off loopback, an api_key."""
+    if passed:
+        listeners = []
+        for sock in passed:
+            address = settings_mod.format_listen(*sock.getsockname()[:2])
+            settings_mod.check_listen(address, s.api_key)
+            listeners.append((sock, address))
+        log.info("using the API socket passed by systemd")
+        if s.listen and s.listen not in [address for _, address in listeners]:
+            log.info("listen %s is not bound: systemd holds the API's socket (qmgr-api.socket; "
+                     "`qmgr service install` writes it with listen's address)", s.listen)
+        return listeners
+    if s.listen:
+        return [(bind_listener(s.listen, s.api_key), s.listen)]
+    return []
+
+
 def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     """Serve until SIGTERM/SIGINT. ``flags``: the command-line settings, kept on reload."""
     setup_logging(s.log_level)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda sig, frame: EARLY_SIGNALS.append(sig))
     signal.signal(signal.SIGHUP, lambda sig, frame: EARLY_RELOAD.append(sig))
-    adopted = systemd.listen_fds()
+    passed = systemd.listen_fds()
     lock = None
     try:
+        adopted, passed_api = sort_passed(passed)
         if not adopted:
             lock = lock_socket_path(s.socket, s.socket_dir_mode, not s.socket_explicit)
         from qmgr.daemon.state import Daemon
@@ -244,17 +297,15 @@ def run(s: Settings, flags: dict[str, Any] | None = None) -> int:
     try:
         # The API listener first: once the socket answers, everything is up (a client that
         # waits for the socket then finds the listener too).
-        listener = None
-        if s.listen:
-            try:
-                listener = bind_listener(s.listen, s.api_key)
-            except QmgrError as e:
-                log.error("%s", e.message)
-                return 1
-        sock = adopted[0] if adopted else bind_socket(s.socket)
+        try:
+            listeners = api_listeners(s, passed_api)
+        except QmgrError as e:
+            log.error("%s", e.message)
+            return 1
+        socks = adopted or [bind_socket(s.socket)]
         if adopted:
             log.info("using the socket passed by systemd")
-        asyncio.run(serve(s, sock, daemon, flags, listener))
+        asyncio.run(serve(s, socks, daemon, flags, listeners))
     finally:
         # A reload now would come too late, and dying of SIGHUP would skip the cleanup.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -2,7 +2,8 @@
 
 ``sd_notify``: datagram messages to ``$NOTIFY_SOCKET`` (``READY=1``, ``STATUS=...``,
 ``STOPPING=1``, ``WATCHDOG=1``). ``listen_fds``: sockets passed by socket activation
-(``LISTEN_FDS`` / ``LISTEN_PID``, starting at fd 3). See sd_notify(3) and sd_listen_fds(3).
+(``LISTEN_FDS`` / ``LISTEN_PID``, starting at fd 3), named by ``LISTEN_FDNAMES``. See
+sd_notify(3) and sd_listen_fds_with_names(3).
 """
 
 from __future__ import annotations
@@ -26,20 +27,24 @@ def notify(message: str) -> bool:
     return True
 
 
-def listen_fds() -> list[socket.socket]:
-    """Sockets handed over by systemd, if they are meant for this process."""
+def listen_fds() -> list[tuple[str, socket.socket]]:
+    """Sockets handed over by systemd, if they are meant for this process, each with its name
+    (the socket unit's ``FileDescriptorName=``, by default the unit's own name; ``unknown``
+    from a manager that names none)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return []
     try:
         count = int(os.environ.get("LISTEN_FDS", "0"))
     except ValueError:
         return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)  # not for our children
     socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+    for i, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)):
         os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
+        socks.append((names[i] if i < len(names) and names[i] else "unknown",
+                      socket.socket(fileno=fd)))
     return socks
 
 
