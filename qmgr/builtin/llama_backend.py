@@ -193,6 +193,12 @@ class LlamaCppBackend:
                         "CPU-only build): reinstall it with GPU support, or run on the CPU")
         return None
 
+    def warm(self) -> None:
+        """Import the native library ahead of a load (a warm runner waiting for its model)."""
+        import llama_cpp  # noqa: F401
+
+        from qmgr.builtin.llama_log import LlamaLog  # noqa: F401
+
     def load(self, path: Path, options: LoadOptions) -> LlamaCppSession:
         import llama_cpp
 

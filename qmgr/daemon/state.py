@@ -47,7 +47,9 @@ class Daemon:
         self.jobs.register("quantize", self.quantizing.run)
         self.jobs.register("imatrix", self.quantizing.run_imatrix)
         keep_alive = knob("QMGR_KEEP_ALIVE")
-        self.models = ModelManager(keep_alive)
+        # A runner kept warm where models are served to other programs (the API listener).
+        self.models = ModelManager(keep_alive, max_queue=knob("QMGR_MAX_QUEUE"),
+                                   warm=bool(settings.listen) and knob("QMGR_WARM_WORKERS"))
         self.running = Running(self.catalog, self.fitter.hardware, self.plugins.backends,
                                self.models)
         self.measuring = Measuring(self.catalog, self.running, self.fitter.hardware)

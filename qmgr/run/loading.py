@@ -4,6 +4,7 @@ its checks, its placement by the fit estimator, the backend that runs it."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from qmgr.run.manager import ModelManager, Runner
 from qmgr.settings import knob
 
 DEFAULT_CTX = 4096
+# Seconds a model that fits alone waits for busy ones to make room before it is refused.
+LOAD_WAIT = 600.0
 
 
 def check_ctx(name: str, facts: dict[str, Any], ctx: int) -> None:
@@ -120,24 +123,36 @@ class Running:
         if loaded is not None and (backend is None or loaded.backend == backend):
             return loaded
         shape = ModelShape.from_headers([gguf.read_header(p) for p in paths])
+        alone = place(shape, self.hardware(hw).devices, n_ctx, kv_type)
+        if not alone.fits:
+            need = sum(d.total for d in alone.devices)
+            raise QmgrError(f"{name} needs {need / 2**30:.2f} GiB at --ctx {n_ctx} and does "
+                            "not fit this machine's memory (see `qmgr fit`); try a smaller "
+                            "--ctx or a smaller quant", code="does_not_fit")
         limit = self.max_loaded()
-        while True:
-            # What the loaded models hold, by the same estimate, is not there for this one.
-            devices = less_loaded(self.hardware(hw).devices, self.manager.loaded())
-            placement = place(shape, devices, n_ctx, kv_type)
-            too_many = limit is not None and len(self.manager.loaded()) >= limit
-            if placement.fits and not too_many:
-                break
-            # Room is made by unloading the least recently used idle model, one at a time.
-            if self.manager.unload_least_recently_used() is None:
-                need = sum(d.total for d in placement.devices)
-                busy = ", ".join(r.ref for r in self.manager.loaded())
-                raise QmgrError(f"{name} needs {need / 2**30:.2f} GiB at --ctx {n_ctx} and does "
-                                "not fit this machine's memory" + (f" beside {busy} (busy)"
-                                                                    if busy else "")
-                                + " (see `qmgr fit`); try a smaller --ctx or a smaller quant",
-                                code="does_not_fit")
-        options = LoadOptions(n_ctx=n_ctx, n_gpu_layers=placement.gpu_layers, kv_type=kv_type,
-                              flash_attn=kv_type != "f16")
-        chosen = choose_backend(self.backends(), facts, devices, backend)
-        return self.manager.runner(name, paths[0], options, placement.to_dict(), chosen)
+        deadline = time.monotonic() + LOAD_WAIT
+        # One model is placed and started at a time, so two never count the same free memory.
+        with self.manager.starting:
+            while True:
+                loaded = self.manager.find(name, n_ctx, kv_type)  # loaded while we waited
+                if loaded is not None and (backend is None or loaded.backend == backend):
+                    return loaded
+                # What the loaded models hold, by the same estimate, is not there for this one.
+                devices = less_loaded(self.hardware(hw).devices, self.manager.loaded())
+                placement = place(shape, devices, n_ctx, kv_type)
+                too_many = limit is not None and len(self.manager.loaded()) >= limit
+                if placement.fits and not too_many:
+                    break
+                # Room is made by unloading the least recently used idle model, one at a
+                # time; while every loaded one is answering, the request waits for one.
+                if self.manager.unload_least_recently_used() is not None:
+                    continue
+                if time.monotonic() > deadline:
+                    busy = ", ".join(r.ref for r in self.manager.loaded())
+                    raise QmgrError(f"{name} does not fit beside {busy}, which stayed busy "
+                                    f"for {LOAD_WAIT:.0f} s", code="does_not_fit")
+                self.manager.wait_idle(1.0)
+            options = LoadOptions(n_ctx=n_ctx, n_gpu_layers=placement.gpu_layers,
+                                  kv_type=kv_type, flash_attn=kv_type != "f16")
+            chosen = choose_backend(self.backends(), facts, devices, backend)
+            return self.manager.runner(name, paths[0], options, placement.to_dict(), chosen)

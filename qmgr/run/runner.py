@@ -13,6 +13,10 @@ between requests it does nothing): the request ends with ``{"done": {"cancelled"
 "pieces": N}}``, N the text pieces sent. A chat with no messages generates nothing: it
 answers ``{"done": {"chat_format": ...}}`` (the session's ``chat_format()``), or the error that
 this model cannot chat, so a chat can be refused before anyone types.
+
+``--warm BACKEND``: a runner started ahead of need (the manager keeps one while the API
+listener is on) finds that backend and calls its ``warm()`` (the llama.cpp one imports its
+native library) before it reads its first line.
 """
 
 from __future__ import annotations
@@ -141,9 +145,21 @@ def serve(session: Session, lines: Iterable[str]) -> None:
 
 
 def main() -> int:
+    # A warm runner (the manager keeps one ready) has its backend found and its native library
+    # imported before it is asked for a model: a load then costs the engine's load alone.
+    # (``python -m qmgr.run.runner --warm BACKEND``: ``Backend.warm``, when it has one.)
+    warm = sys.argv[2] if sys.argv[1:2] == ["--warm"] and len(sys.argv) > 2 else None
+    backend = None
+    if warm:
+        try:
+            backend = find_backend(warm)
+            getattr(backend, "warm", lambda: None)()
+        except Exception:
+            backend = None  # found again below, where a failure is reported
     try:
         first = json.loads(sys.stdin.readline())
-        backend = find_backend(first["backend"])
+        if backend is None or backend.name != first["backend"]:
+            backend = find_backend(first["backend"])
         options = LoadOptions(**first.get("options", {}))
         session = backend.load(Path(first["path"]), options)
     except Exception as e:
