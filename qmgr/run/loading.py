@@ -4,6 +4,8 @@ its checks, its placement by the fit estimator, the backend that runs it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +88,21 @@ def less_loaded(devices: list[Device], loaded: list[Runner]) -> list[Device]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _shape(paths: tuple[str, ...], stamps: tuple[tuple[int, int], ...]) -> ModelShape:
+    return ModelShape.from_headers([gguf.read_header(p) for p in paths])
+
+
+def shape_of(paths: tuple[str, ...]) -> ModelShape:
+    """The shape the estimator places, from the files' headers, read once per file as it is
+    (a large vocabulary makes a header tens of milliseconds to read)."""
+    stamps = []
+    for p in paths:
+        st = os.stat(p)
+        stamps.append((st.st_size, st.st_mtime_ns))
+    return _shape(paths, tuple(stamps))
+
+
 class Running:
     """``hardware(declared)``: the devices to place models on (what ``qmgr hw`` shows);
     ``backends()``: the registered runtime backends."""
@@ -122,7 +139,7 @@ class Running:
         loaded = self.manager.find(name, n_ctx, kv_type)
         if loaded is not None and (backend is None or loaded.backend == backend):
             return loaded
-        shape = ModelShape.from_headers([gguf.read_header(p) for p in paths])
+        shape = shape_of(tuple(paths))
         alone = place(shape, self.hardware(hw).devices, n_ctx, kv_type)
         if not alone.fits:
             need = sum(d.total for d in alone.devices)

@@ -11,7 +11,7 @@ is dropped, and the next request for its model starts a new one.
 With ``warm`` (the API listener on, ``QMGR_WARM_WORKERS`` not 0) one runner process is kept
 started ahead of need, its backend's library imported: a model's first request then waits
 for the engine's load only, not for Python's start and the imports (~0.3 s). It holds ~60 MB
-and no CPU; a new one is started each time one is used.
+and no CPU; the next one is started once no request has come for a couple of seconds.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BACKEND = "llama.cpp"
 # Seconds a runner just handed to a request is kept from being unloaded to make room.
 RESERVE_S = 10.0
+# Seconds without a request before the next warm runner is started.
+QUIET_S = 2.0
 
 
 @dataclass
@@ -274,9 +276,6 @@ class ModelManager:
             raise QmgrError(f"cannot load {ref}: {err['message']}", code="load_failed")
         log.info("loaded %s (pid %d, ctx %d, %d GPU layers)", ref, proc.pid, options.n_ctx,
                  options.n_gpu_layers)
-        if self.warm and self.spare is None and not self.stopping.is_set():
-            # The next warm runner, once this load is done (its imports would slow it down).
-            self.spare = self._spawn(DEFAULT_BACKEND)
         return Runner(key, ref, path, backend, options, placement, proc)
 
     def find(self, ref: str, n_ctx: int, kv_type: str) -> Runner | None:
@@ -339,6 +338,21 @@ class ModelManager:
                 else:
                     log.warning("the runner of %s ended by itself (exit status %s)", r.ref,
                                 r.proc.wait())
+            self._keep_warm(now)
+
+    def _keep_warm(self, now: float) -> None:
+        """Start the next warm runner once nothing has been asked for QUIET_S seconds (its
+        imports would slow a load or a generation down), and never during a load."""
+        if not self.warm or self.spare is not None or not self.starting.acquire(blocking=False):
+            return
+        try:
+            with self.lock:
+                quiet = all(not r.in_use() and now - r.last_used > QUIET_S
+                            for r in self.runners.values())
+            if quiet and not self.stopping.is_set():
+                self.spare = self._spawn(DEFAULT_BACKEND)
+        finally:
+            self.starting.release()
 
     def shutdown(self) -> None:
         self.stopping.set()
