@@ -19,6 +19,35 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from ggufmake import make_tiny_gguf  # noqa: E402
+from pgserver import PgServer, pg_bin  # noqa: E402
+
+# TEST_CATALOG_DB=postgresql runs every test's daemon on a catalog in the session's PostgreSQL
+# server (a database each) instead of its own SQLite file: the whole suite on PostgreSQL.
+TEST_DB = os.environ.get("TEST_CATALOG_DB", "sqlite")
+_PG: list[PgServer] = []
+
+
+def pg_server() -> PgServer:
+    """The session's PostgreSQL server, started on first use (stopped at the session's end)."""
+    if not _PG:
+        if pg_bin() is None:
+            pytest.skip("PostgreSQL 15+ is not installed (Debian: apt-get install postgresql; "
+                        ".ci/run installs it)")
+        _PG.append(PgServer())
+    return _PG[0]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    while _PG:
+        _PG.pop().stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty catalog's URL: an SQLite file, and a database on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'c.db'}"
+    return pg_server().database()
 
 BIN = Path(sys.executable).parent
 QMGR = str(BIN / "qmgr")
@@ -45,10 +74,30 @@ class Env:
             XDG_DATA_HOME=str(root / "data"),
             XDG_RUNTIME_DIR=str(root / "xdg-run"),
         )
+        if TEST_DB == "postgresql":
+            self.env["QMGR_DATABASE_URL"] = pg_server().database()
         self.proc: subprocess.Popen[bytes] | None = None
         # How start() runs the daemon: this environment's qmgrd, unless a test needs another
         # interpreter's (tests/test_sensitive_plugin.py: a throwaway venv with a plugin).
         self.qmgrd = [QMGRD]
+
+    def catalog_url(self) -> str:
+        return self.env.get("QMGR_DATABASE_URL") or f"sqlite:///{self.home / 'catalog.db'}"
+
+    def catalog_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` read straight from this world's catalog (SQLite or PostgreSQL),
+        beside the daemon; on SQLite the file's integrity is checked first."""
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(self.catalog_url())
+        try:
+            with engine.connect() as conn:
+                if engine.dialect.name == "sqlite":
+                    check = conn.execute(text("PRAGMA integrity_check")).fetchone()
+                    assert check is not None and tuple(check) == ("ok",), check
+                return [tuple(row) for row in conn.execute(text(sql))]
+        finally:
+            engine.dispose()
 
     def qmgr(self, *args: str, check: bool = True, input: str | None = None,
              timeout: float = 120) -> subprocess.CompletedProcess[str]:

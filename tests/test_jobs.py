@@ -16,8 +16,8 @@ from qmgr.work.jobs import TERMINAL, JobHandle, JobRunner
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    catalog = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+def catalog(catalog_url: str) -> Catalog:
+    catalog = Catalog(catalog_url)
     catalog.migrate()
     return catalog
 

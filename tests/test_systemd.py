@@ -17,7 +17,6 @@ import select
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import termios
 import threading
@@ -593,8 +592,7 @@ def test_ready_after_migrations_then_watchdog_stops_while_the_loop_is_blocked(
     assert ready is not None, n.read_log()
     # Everything logged before READY was sent is in the pipe now, and the catalog is at head.
     assert "catalog migrated to the newest schema" in n.read_log()
-    with sqlite3.connect(qenv.home / "catalog.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (SCHEMA_HEAD,)
+    assert qenv.catalog_rows("SELECT version_num FROM alembic_version") == [(SCHEMA_HEAD,)]
     assert f"STATUS=serving {qenv.socket}" in ready and f"MAINPID={n.proc.pid}" in ready
     before = n.messages[:n.messages.index(ready)]
     assert any(line.startswith("STATUS=") for m in before for line in m.split("\n")), before

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from qmgr.catalog.models import (
@@ -21,6 +23,8 @@ from qmgr.catalog.models import (
 )
 from qmgr.errors import Conflict, NotFound, QmgrError
 from qmgr.refs import BUILTIN_ALIASES, BadReference, parse, redact_url
+
+T = TypeVar("T")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
@@ -194,16 +198,34 @@ def resolve_one(session: Session, ref: str) -> Variant:
     return found[0]
 
 
+def locked_or_created(session: Session, query: Select[T], make: Callable[[], T]
+                      ) -> tuple[T, bool]:
+    """The row ``query`` finds, locked for this write transaction (``FOR UPDATE``: another
+    daemon's writer that wants it waits for this commit), else a new one from ``make`` (and
+    True). Two writers creating the same row at once: the second one's insert fails on the
+    unique key once the first commits, and it takes the first one's row instead. SQLite
+    ignores ``FOR UPDATE``: its write transactions are serialized from BEGIN."""
+    found = session.scalar(query.with_for_update())
+    if found is not None:
+        return found, False
+    try:
+        with session.begin_nested():
+            created = make()
+            session.add(created)
+            session.flush()
+        return created, True
+    except IntegrityError:
+        found = session.scalar(query.with_for_update())
+        if found is None:
+            raise
+        return found, False
+
+
 def get_or_create_model(session: Session, name: str, facts: dict[str, Any]) -> Model:
-    model = session.scalar(select(Model).where(Model.name == name))
-    if model is None:
-        model = Model(
-            name=check_name(name),
-            architecture=facts.get("architecture"),
-            parameter_count=facts.get("parameter_count"),
-        )
-        session.add(model)
-        session.flush()
+    """The model ``name``, locked (its tags are chosen under the lock), or a new one."""
+    model, _ = locked_or_created(session, select(Model).where(Model.name == name), lambda: Model(
+        name=check_name(name), architecture=facts.get("architecture"),
+        parameter_count=facts.get("parameter_count")))
     return model
 
 
@@ -220,12 +242,10 @@ def free_tag(session: Session, model: Model, wanted: str) -> str:
 
 def get_or_create_blob(session: Session, sha256: str, size: int, path: str, in_store: bool,
                        mtime_ns: int | None) -> Blob:
-    blob = session.scalar(select(Blob).where(Blob.sha256 == sha256))
-    if blob is None:
-        blob = Blob(sha256=sha256, size=size, path=path, in_store=in_store, mtime_ns=mtime_ns)
-        session.add(blob)
-        session.flush()
-    elif in_store and not blob.in_store:
+    blob, created = locked_or_created(
+        session, select(Blob).where(Blob.sha256 == sha256),
+        lambda: Blob(sha256=sha256, size=size, path=path, in_store=in_store, mtime_ns=mtime_ns))
+    if not created and in_store and not blob.in_store:
         # The store's copy is the one qmgr can vouch for: prefer it over an outside file.
         blob.path, blob.in_store, blob.mtime_ns = path, True, mtime_ns
     return blob

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from qmgr import gguf
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import Attachment, Origin, Variant, VariantFile, VariantState
+from qmgr.catalog.models import Attachment, Model, Origin, Variant, VariantFile, VariantState
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ def remove_variants(catalog: Catalog, ref: str, every: bool = False) -> dict[str
     deleted_files: list[str] = []
     with catalog.writing() as session:
         found = queries.resolve(session, ref) if every else [queries.resolve_one(session, ref)]
+        # Their models locked first, as record_variant locks them: a variant another daemon
+        # adds meanwhile is not deleted with a model thought empty.
+        session.scalars(select(Model).where(Model.id.in_({v.model_id for v in found}))
+                        .order_by(Model.id).with_for_update()).all()
         removed = [f"{v.model.name}:{v.tag}" for v in found]
         blobs = queries.blobs_only_used_by(session, found)
         models = {v.model for v in found}

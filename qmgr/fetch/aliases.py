@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from qmgr.catalog.models import Alias
-from qmgr.catalog.queries import alias_target, resolve_one
+from qmgr.catalog.queries import alias_target, locked_or_created, resolve_one
 from qmgr.errors import NotFound, QmgrError
 from qmgr.refs import BUILTIN_ALIASES, Reference, parse
 
@@ -57,16 +57,14 @@ def set_alias(session: Session, name: str, target: str) -> dict[str, str]:
         target = f"{found.model.name}:{found.tag}"
         if target.partition(":")[0] == typed.name:
             raise QmgrError(f"{name!r} is that model's own name already", code="bad_name")
-    alias = session.scalar(select(Alias).where(Alias.name == typed.name))
-    if alias is None:
-        session.add(Alias(name=typed.name, reference=target))
-    else:
-        alias.reference = target
+    alias, _ = locked_or_created(session, select(Alias).where(Alias.name == typed.name),
+                                 lambda: Alias(name=typed.name, reference=target))
+    alias.reference = target
     return {"name": typed.name, "reference": target}
 
 
 def remove_alias(session: Session, name: str) -> None:
-    alias = session.scalar(select(Alias).where(Alias.name == name))
+    alias = session.scalar(select(Alias).where(Alias.name == name).with_for_update())
     if alias is None:
         raise NotFound(f"no user alias {name!r} (built-in names cannot be removed)")
     session.delete(alias)

@@ -316,8 +316,10 @@ class JobRunner:
         if d["error_code"]:
             progress["error_code"] = d["error_code"]
         with self.catalog.writing() as session:
-            job = session.get(Job, handle.id)
-            if job is not None:
+            # Locked: a cancel written meanwhile (by another daemon of a fleet) is seen, and a
+            # job that ended stays ended.
+            job = session.get(Job, handle.id, with_for_update=True)
+            if job is not None and (job.state not in TERMINAL or job.state == d["state"]):
                 job.state, job.progress, job.error = d["state"], progress, d["error"]
 
     def _run(self, handle: JobHandle) -> None:
@@ -401,10 +403,11 @@ class JobRunner:
             current = self.get(job_id)
             if current["state"] in TERMINAL:
                 raise QmgrError(f"job {job_id} already {current['state']}", code="conflict")
-            # Queued in the catalog but not running here: mark it so it never starts.
+            # Queued in the catalog but not running here: mark it so it never starts (locked,
+            # and checked again: it may have ended since it was read).
             with self.catalog.writing() as session:
-                job = session.get(Job, job_id)
-                if job is not None:
+                job = session.get(Job, job_id, with_for_update=True)
+                if job is not None and job.state not in TERMINAL:
                     job.state, job.error = JobState.CANCELLED, "cancelled"
             return self.get(job_id)
         handle.request_cancel("user")
