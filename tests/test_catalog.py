@@ -166,3 +166,49 @@ def test_concurrent_writers_from_several_daemons_lose_nothing(catalog_url: str,
     assert models == 1
     assert tags == sorted(["Q8_0", *(f"Q8_0-{n}" for n in range(2, writers + 1))])
     assert names == sorted(f"a{i}" for i in range(writers))
+
+
+def test_daemons_starting_at_once_migrate_once(catalog_url: str) -> None:
+    """Several daemons sharing a new catalog start together (processes: alembic's context is
+    global to one): one applies the migrations, the others wait for it (an advisory lock on
+    PostgreSQL; SQLite's write lock) and find the schema at head; none fails."""
+    code = ("import sys; from qmgr.catalog.db import Catalog; "
+            "print(Catalog(sys.argv[1]).migrate())")
+    starters = [subprocess.Popen([sys.executable, "-c", code, catalog_url], text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in starters]
+    assert all(p.returncode == 0 for p in starters), [err for _, err in results]
+    applied = [out.strip() for out, _ in results]
+    assert set(applied) <= {"True", "False"} and "True" in applied, applied
+    assert Catalog(catalog_url).revision() == SCHEMA_HEAD
+
+
+def test_a_pulled_with_reference_matches_without_case_on_every_engine(catalog_url: str,
+                                                                     tmp_path: Path) -> None:
+    """Hub names do not depend on case, on SQLite (LIKE ignores ASCII case) as on PostgreSQL
+    (it does not); an "_" in a name matches only itself."""
+    import hashlib
+
+    from ggufmake import make_tiny_gguf
+
+    from qmgr import gguf
+    from qmgr.catalog import queries
+    from qmgr.catalog.record import ShardFile, record_variant
+
+    catalog = Catalog(catalog_url)
+    catalog.migrate()
+    path = make_tiny_gguf(tmp_path / "t-Q8_0.gguf", ftype="Q8_0")
+    facts = gguf.facts_from_header(gguf.read_header(path))
+    for i, ref in enumerate(["hf.co/Owner/Repo_X-GGUF:Q8_0", "hf.co/Owner/RepoYX-GGUF:Q8_0"]):
+        shard = ShardFile(path, facts, hashlib.sha256(ref.encode()).hexdigest(),
+                          path.stat().st_size)
+        record_variant(catalog, f"m{i}", [shard], facts.to_dict(), origin="pulled",
+                       source_ref=ref, in_store=False, tag="Q8_0")
+    with catalog.reading() as session:
+        def names(ref: str) -> list[str]:
+            return [v.model.name for v in queries.resolve(session, ref)]
+
+        assert names("hf.co/owner/repo_x-gguf") == ["m0"]  # the repository, any case
+        assert names("hf.co/OWNER/REPO_X-GGUF:q8_0") == ["m0"]
+        assert names("hf.co/owner/repoyx-gguf") == ["m1"]  # "_" is not a wildcard

@@ -24,6 +24,8 @@ import qmgr
 SCHEMA_HEAD = "0003"
 
 BUSY_TIMEOUT_MS = 10_000
+# PostgreSQL advisory lock taken while migrating (any constant of qmgr's own: "qmgr" in ASCII).
+MIGRATE_LOCK = 0x716D6772
 
 
 def migrations_dir() -> Path:
@@ -100,8 +102,17 @@ class Catalog:
         if self.revision() == SCHEMA_HEAD:
             return False
         from alembic import command
+        from sqlalchemy import inspect
 
-        with self.engine.begin() as conn:
+        # Daemons sharing the catalog that start at once: one migrates, the others wait for
+        # its commit (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), then find the
+        # schema at head.
+        with self.engine.execution_options(qmgr_write=True).begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATE_LOCK})
+            if inspect(conn).has_table("alembic_version") and conn.execute(
+                    text("SELECT version_num FROM alembic_version")).scalar() == SCHEMA_HEAD:
+                return False
             command.upgrade(alembic_config(conn), "head")
         return True
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -168,15 +168,19 @@ def _pulled_with(session: Session, raw: str) -> list[Variant]:
     if ref.kind == "url":
         wanted = [redact_url(ref.url or raw)]
     elif ref.kind == "hf" and not ref.file and not ref.quant:
-        prefix = f"hf.co/{ref.name}:"
-        query = _variants_query().where(Variant.source_ref.startswith(prefix)
-                                        | Variant.source_ref.startswith(f"hf://{ref.name}/"))
+        # Hub repository names do not depend on case: compared in lower case (SQLite's LIKE
+        # would ignore ASCII case, PostgreSQL's does not); "_" in a name is itself.
+        ref_lower = func.lower(Variant.source_ref)
+        query = _variants_query().where(
+            ref_lower.startswith(f"hf.co/{ref.name}:".lower(), autoescape=True)
+            | ref_lower.startswith(f"hf://{ref.name}/".lower(), autoescape=True))
         return list(session.scalars(query.order_by(Variant.tag)))
     else:
         wanted = [ref.canonical]
     query = _variants_query().where(Variant.source_ref.is_not(None))
     if ref.kind == "hf" and ref.quant:
-        query = query.where(Variant.source_ref.startswith(f"hf.co/{ref.name}:"))
+        query = query.where(func.lower(Variant.source_ref).startswith(
+            f"hf.co/{ref.name}:".lower(), autoescape=True))
         return [v for v in session.scalars(query)
                 if (v.source_ref or "").lower() == ref.canonical.lower()]
     return list(session.scalars(query.where(Variant.source_ref.in_(wanted))))
