@@ -239,11 +239,12 @@ class ModelManager:
 
     def _process(self, backend: str) -> subprocess.Popen[str]:
         """A runner process for ``backend``: the warm one when it is there, else a new one."""
-        spare, self.spare = self.spare, None
-        if spare is not None and spare.poll() is None and backend == DEFAULT_BACKEND:
+        spare = self.spare
+        if spare is not None and spare.poll() is not None:
+            spare = self.spare = None  # it died waiting: the next quiet moment starts another
+        if spare is not None and backend == DEFAULT_BACKEND:
+            self.spare = None
             return spare
-        if spare is not None:
-            self.spare = spare
         return self._spawn()
 
     def _start(self, key: tuple[Any, ...], ref: str, path: str, options: LoadOptions,

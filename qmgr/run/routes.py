@@ -135,6 +135,18 @@ async def whole(messages: AsyncIterator[dict[str, Any]]) -> tuple[str, dict[str,
     return "".join(text), stats
 
 
+async def embedded(runner: Runner, inputs: list[str], truncate: bool = True
+                   ) -> tuple[list[list[float]], int]:
+    """The runner's embeddings of ``inputs`` (one L2-normalised vector each) and the tokens
+    it read; its refusal raised as it came."""
+    messages = relay(runner, {"op": "embed", "input": inputs, "truncate": truncate})
+    try:
+        _text, stats = await whole(messages)
+    finally:
+        await messages.aclose()
+    return stats.get("embeddings") or [], int(stats.get("prompt_tokens") or 0)
+
+
 async def _answers(runner: Runner, req: dict[str, Any]) -> AsyncIterator[str]:
     """The runner's answers as newline-delimited JSON."""
     import json

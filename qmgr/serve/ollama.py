@@ -42,7 +42,7 @@ from qmgr.fetch.routes import submit_pull
 from qmgr.plugin.backend import GenParams
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
-from qmgr.run.routes import answering, relay, whole
+from qmgr.run.routes import answering, embedded, whole
 from qmgr.serve import tools as tooling
 from qmgr.work.jobs import JobRunner
 from qmgr.work.routes import updates
@@ -330,27 +330,16 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         return await _respond(name, runner, req, body, started, loaded, _chat_piece,
                               kept(ref, runner, keep), whole_text)
 
-    def _embed_runner(name: str, options: dict[str, Any], keep: float | None
-                      ) -> tuple[str, Runner]:
-        ref, runner = _load(name, options)
-        if keep is not None and keep != 0:
-            runner.keep_alive = keep
-        return ref, runner
-
     async def embeddings_of(body: dict[str, Any], inputs: list[str], truncate: bool
-                            ) -> tuple[list[list[float]], dict[str, Any]]:
+                            ) -> tuple[list[list[float]], int]:
         name = model_of(body)
         keep = keep_alive_of(body.get("keep_alive"))
-        ref, runner = await run_in_threadpool(_embed_runner, name, body.get("options") or {},
-                                              keep)
-        messages = relay(runner, {"op": "embed", "input": inputs, "truncate": truncate})
+        ref, runner = await run_in_threadpool(_load, name, body.get("options") or {})
+        after = kept(ref, runner, keep)
         try:
-            _text, stats = await whole(messages)
+            return await embedded(runner, inputs, truncate)
         finally:
-            await messages.aclose()
-            if keep == 0:
-                await run_in_threadpool(models.stop, ref)
-        return stats.get("embeddings") or [], stats
+            await run_in_threadpool(after)
 
     async def embed(request: Request) -> Response:
         """``/api/embed``: one L2-normalised vector per input (a string or a list of them)."""
@@ -360,12 +349,11 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise QmgrError("input must be a string or a list of strings", code="bad_request")
         started = time.monotonic_ns()
-        vectors, stats = await embeddings_of(body, inputs, body.get("truncate", True) is not
-                                             False)
+        vectors, tokens = await embeddings_of(body, inputs, body.get("truncate", True) is not
+                                              False)
         return JSONResponse({"model": model_of(body), "embeddings": vectors,
                              "total_duration": time.monotonic_ns() - started,
-                             "load_duration": 0,
-                             "prompt_eval_count": stats.get("prompt_tokens", 0)})
+                             "load_duration": 0, "prompt_eval_count": tokens})
 
     async def embeddings(request: Request) -> Response:
         """``/api/embeddings`` (Ollama's older endpoint): one ``prompt``, one ``embedding``."""
@@ -373,7 +361,7 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         prompt = body.get("prompt", "")
         if not isinstance(prompt, str):
             raise QmgrError("prompt must be a string", code="bad_request")
-        vectors, _stats = await embeddings_of(body, [prompt], True)
+        vectors, _tokens = await embeddings_of(body, [prompt], True)
         return JSONResponse({"embedding": vectors[0] if vectors else []})
 
     def _delete(name: str) -> None:

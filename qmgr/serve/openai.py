@@ -41,7 +41,7 @@ from qmgr.errors import Busy, QmgrError, status_of
 from qmgr.plugin.backend import GenParams
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager, Runner
-from qmgr.run.routes import answering, relay, whole
+from qmgr.run.routes import answering, embedded, whole
 from qmgr.serve import tools as tooling
 from qmgr.serve.ollama import body_of, ready_variants, resolve
 
@@ -271,22 +271,17 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
         if encoding not in ("float", "base64"):
             raise QmgrError("encoding_format: float or base64", code="bad_request")
         ref, runner = await run_in_threadpool(_load, body.get("model"))
-        messages = relay(runner, {"op": "embed", "input": inputs, "truncate": True})
-        try:
-            _text, stats = await whole(messages)
-        finally:
-            await messages.aclose()
-        vectors = stats.get("embeddings") or []
+        vectors, tokens = await embedded(runner, inputs)
+        encoded: list[Any] = vectors
         if encoding == "base64":
             import base64
             import struct
 
-            vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
+            encoded = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
                        for v in vectors]
-        tokens = stats.get("prompt_tokens", 0)
         return JSONResponse({"object": "list", "model": ref, "data": [
             {"object": "embedding", "index": i, "embedding": v}
-            for i, v in enumerate(vectors)],
+            for i, v in enumerate(encoded)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     return [
