@@ -33,6 +33,7 @@ CODES: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such model, variant, job, alias or folder"),
     "conflict": (409, "the request clashes with what is already there"),
     "not_ready": (409, "a variant whose file is not usable (pulling, broken...)"),
+    "not_here": (409, "a fleet's variant whose bytes are on other nodes, not this one"),
     "cancelled": (409, "the job was cancelled"),
     # registries and downloads
     "no_source": (404, "no installed source plugin owns the reference's kind"),

@@ -83,6 +83,13 @@ KNOBS = {k.name: k for k in (
     Knob("QMGR_WARM_WORKERS", "bool", True, "an idle worker process is kept ready for the "
          "next quantize/eval job, and with the API listener an idle runner for the next "
          "model load"),
+    Knob("QMGR_NODE", "str", None, "this daemon's name in a fleet sharing a PostgreSQL "
+         "catalog (config `node`)"),
+    Knob("QMGR_ADVERTISE", "str", None, "the URL a fleet's peers reach this node's API "
+         "listener at (config `advertise`; default: http://LISTEN)"),
+    Knob("QMGR_HEARTBEAT", "float", 5.0, "seconds between a fleet node's heartbeats"),
+    Knob("QMGR_NODE_TIMEOUT", "float", 30.0, "seconds without a heartbeat before a fleet "
+         "node is gone and its jobs are taken over"),
     Knob("QMGR_HASH_WHILE_WRITING", "bool", True, "the llama.cpp quantizer's worker hashes "
          "its output while it is written (else the daemon hashes it after)"),
 )}
@@ -152,6 +159,13 @@ class Settings:
     # Web origins (``https://chat.example.com``, ``*`` in a pattern for any characters, ``*``
     # alone for any origin) whose pages may call the API listener, besides the local ones.
     origins: list[str] = dataclasses.field(default_factory=list)
+    # This daemon's name in a fleet (several daemons sharing one PostgreSQL catalog); None:
+    # not in one.
+    node: str | None = None
+    # The URL the fleet's peers reach this node's API listener at; None: http://LISTEN.
+    advertise: str | None = None
+    # The secret the fleet's nodes send each other (Authorization: Bearer KEY) for blobs.
+    fleet_key: str | None = None
 
     @property
     def store(self) -> Path:
@@ -270,6 +284,11 @@ def load(
     s.listen = str(chosen_listen) if chosen_listen else None
     s.api_key = str(config["api_key"]) if config.get("api_key") else None
     s.origins = _origins(pick(None, "QMGR_ORIGINS", "origins"))
+    node = pick(None, "QMGR_NODE", "node")
+    s.node = str(node) if node else None
+    advertise = pick(None, "QMGR_ADVERTISE", "advertise")
+    s.advertise = str(advertise).rstrip("/") if advertise else None
+    s.fleet_key = str(config["fleet_key"]) if config.get("fleet_key") else None
     return s
 
 

@@ -239,3 +239,23 @@ def registered_by(module: Any, hook: str) -> list[Any]:
         return plugins.registered(hook)
     finally:
         plugins.unregister(name)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
+    """``check()``'s first true value, asked every 0.1 s; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

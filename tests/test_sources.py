@@ -12,14 +12,13 @@ import json
 import re
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from badmirror import BadMirror, random_file, sha256_of
-from conftest import QMGR, Env, running_daemon
+from conftest import QMGR, Env, running_daemon, wait_for
 from ggufmake import make_tiny_gguf
 from ociregistry import OCIRegistry
 
@@ -50,16 +49,6 @@ def failed(r: subprocess.CompletedProcess[str]) -> str:
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: "), r.stderr
     return last
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def job(env: Env, job_id: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import qmgr
 # The newest migration. Start-up compares the database's revision with it and imports alembic
 # only when they differ (alembic costs ~0.5 s to import). tests/test_catalog.py checks that
 # this matches the head of migrations/versions.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 
 BUSY_TIMEOUT_MS = 10_000
 # PostgreSQL advisory lock taken while migrating (any constant of qmgr's own: "qmgr" in ASCII).
@@ -71,13 +71,19 @@ class Catalog:
         self._write = sessionmaker(
             self.engine.execution_options(qmgr_write=True), expire_on_commit=False
         )
-        # Bumped after every write transaction. All writes go through this daemon, so an
-        # unchanged generation means unchanged data: answers can be cached against it.
+        # Bumped after every write transaction. On SQLite all writes go through this daemon,
+        # so an unchanged generation means unchanged data: answers can be cached against it
+        # (``exclusive``). A PostgreSQL catalog is shared: other daemons write it too.
         self.generation = 0
+        self.exclusive = self.engine.dialect.name == "sqlite"
+        # In a fleet (``node`` set): this daemon's row in ``nodes``. Sessions carry it
+        # (``session.info["node_id"]``): which copy of a blob is this node's.
+        self.node_id: int | None = None
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
         with self._read() as session, session.begin():
+            session.info["node_id"] = self.node_id
             yield session
 
     @contextlib.contextmanager
@@ -85,6 +91,7 @@ class Catalog:
         """A transaction that holds the write lock from BEGIN and commits on success."""
         try:
             with self._write() as session, session.begin():
+                session.info["node_id"] = self.node_id
                 yield session
         finally:
             self.generation += 1

@@ -145,6 +145,46 @@ class Blob(Base):
     mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+    # Where each node of a fleet keeps these bytes (none outside a fleet: ``path`` is it).
+    copies: Mapped[list[BlobCopy]] = relationship(cascade="all, delete-orphan",
+                                                  passive_deletes=True)
+
+
+class Node(Base):
+    """A daemon of a fleet (``node`` set, the catalog on PostgreSQL): what it is, where its
+    API listener is, what it holds and has loaded, and when it last said so."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    # The URL its peers reach its API listener at (``http://10.0.0.5:11434``); None: none.
+    address: Mapped[str | None] = mapped_column(String(1024))
+    state: Mapped[str] = mapped_column(String(16), default="up")  # "up", "gone"
+    # Its devices as its probes (or QMGR_HW) see them: fit.hardware.Hardware.to_dict().
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The models its runners hold: [{"name", "size", "vram", "expires"}...].
+    loaded: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BlobCopy(Base):
+    """One node's copy of a blob: the path on that node (its store, or a file it imported
+    in place) and the modification time it was verified with."""
+
+    __tablename__ = "blob_copies"
+
+    blob_id: Mapped[int] = mapped_column(ForeignKey("blobs.id", ondelete="CASCADE"),
+                                         primary_key=True)
+    node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id", ondelete="CASCADE"),
+                                         primary_key=True, index=True)
+    path: Mapped[str] = mapped_column(String(4096))
+    in_store: Mapped[bool] = mapped_column(default=True)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+
+    node: Mapped[Node] = relationship()
+
 
 class VariantFile(Base):
     """The files of a variant in shard order (one row for an unsharded file)."""
@@ -187,6 +227,9 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text)
+    # In a fleet: the node that runs it (or, queued, the one it is for; None: any node).
+    node_id: Mapped[int | None] = mapped_column(ForeignKey("nodes.id", ondelete="SET NULL"),
+                                                index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow

@@ -8,14 +8,16 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, object_session, selectinload
 
 from qmgr.catalog.models import (
     Alias,
     Attachment,
     Blob,
+    BlobCopy,
     Eval,
     Model,
+    Node,
     Variant,
     VariantFile,
     VariantState,
@@ -61,20 +63,106 @@ def _row(v: Any, m: Any, paths: list[str]) -> dict[str, Any]:
     }
 
 
+# -- where the bytes are: one path per blob, or one per node of a fleet ------------------------
+
+
+def node_of(session: Session) -> int | None:
+    """The fleet node the session's daemon is (``Catalog.node_id``), None outside a fleet."""
+    node_id = session.info.get("node_id")
+    return int(node_id) if node_id is not None else None
+
+
+def local_path(blob: Blob) -> str | None:
+    """Where this daemon reads the blob's bytes: its path, or in a fleet this node's copy
+    (None: the bytes are on other nodes only)."""
+    session = object_session(blob)
+    node_id = node_of(session) if session is not None else None
+    if node_id is None:
+        return blob.path
+    return next((c.path for c in blob.copies if c.node_id == node_id), None)
+
+
+def record_copy(session: Session, blob: Blob, path: str, in_store: bool,
+                mtime_ns: int | None) -> None:
+    """In a fleet: this node holds the blob's bytes at ``path`` (verified, modified at
+    ``mtime_ns``). Outside a fleet, nothing: the blob's own path says it."""
+    node_id = node_of(session)
+    if node_id is None:
+        return
+    if blob.id is None:
+        session.flush()
+    copy = session.get(BlobCopy, (blob.id, node_id), with_for_update=True)
+    if copy is None:
+        session.add(BlobCopy(blob_id=blob.id, node_id=node_id, path=path, in_store=in_store,
+                             mtime_ns=mtime_ns))
+        session.flush()
+        session.expire(blob, ["copies"])
+    else:
+        copy.path, copy.in_store, copy.mtime_ns = path, in_store, mtime_ns
+
+
+def holders(session: Session, blob_ids: list[int]) -> dict[int, list[str]]:
+    """Per blob id: the up nodes that hold a copy, by name."""
+    out: dict[int, list[str]] = {}
+    for blob_id, name in session.execute(
+            select(BlobCopy.blob_id, Node.name).join(Node, BlobCopy.node_id == Node.id)
+            .where(BlobCopy.blob_id.in_(blob_ids), Node.state == "up").order_by(Node.name)):
+        out.setdefault(blob_id, []).append(name)
+    return out
+
+
+def local_paths(v: Variant) -> list[str]:
+    """The paths of a variant's files on this node, in shard order; a ``not_here`` error
+    naming the nodes that hold them when this node of a fleet does not."""
+    paths = [local_path(f.blob) for f in v.files]
+    if all(p is not None for p in paths):
+        return [p for p in paths if p is not None]
+    session = object_session(v)
+    ids = [f.blob_id for f in v.files]
+    nodes = _on_every(holders(session, ids), ids) if session is not None else []
+    where = f"on {', '.join(nodes)}" if nodes else "on no node that is up"
+    raise QmgrError(f"{v.model.name}:{v.tag} is {where}, not on this node: `qmgr pull "
+                    f"{v.model.name}:{v.tag}` here fetches it from its peers",
+                    code="not_here")
+
+
 def variant_dict(v: Variant) -> dict[str, Any]:
     """The API's view of a variant (one row of ``qmgr list``)."""
-    return _row(v, v.model, [f.blob.path for f in v.files])
+    row = _row(v, v.model, [p for f in v.files if (p := local_path(f.blob)) is not None])
+    if v.id is not None and object_session(v) is not None and \
+            node_of(object_session(v)) is not None:  # type: ignore[arg-type]
+        row["nodes"] = _on_every(holders(object_session(v),  # type: ignore[arg-type]
+                                         [f.blob_id for f in v.files]),
+                                 [f.blob_id for f in v.files])
+    return row
+
+
+def _on_every(held: dict[int, list[str]], blob_ids: list[int]) -> list[str]:
+    """The nodes holding every one of ``blob_ids``."""
+    sets = [set(held.get(b, [])) for b in blob_ids]
+    return sorted(set.intersection(*sets)) if sets else []
 
 
 def list_rows(session: Session) -> list[dict[str, Any]]:
     """Every variant as :func:`variant_dict` shows it, in two plain queries (no ORM objects:
-    ``qmgr list`` on a catalog of thousands of variants must stay fast)."""
+    ``qmgr list`` on a catalog of thousands of variants must stay fast); in a fleet, the
+    paths are this node's and ``nodes`` says which nodes hold each variant."""
     paths: dict[int, list[str]] = {}
-    for variant_id, path in session.execute(
-        select(VariantFile.variant_id, Blob.path).join(Blob, VariantFile.blob_id == Blob.id)
-        .order_by(VariantFile.variant_id, VariantFile.shard)
-    ):
-        paths.setdefault(variant_id, []).append(path)
+    node_id = node_of(session)
+    files: dict[int, list[int]] = {}
+    if node_id is None:
+        query = select(VariantFile.variant_id, Blob.path, VariantFile.blob_id).join(
+            Blob, VariantFile.blob_id == Blob.id)
+    else:
+        query = select(VariantFile.variant_id, BlobCopy.path, VariantFile.blob_id).outerjoin(
+            BlobCopy, (BlobCopy.blob_id == VariantFile.blob_id) & (BlobCopy.node_id == node_id))
+    for variant_id, path, blob_id in session.execute(
+            query.order_by(VariantFile.variant_id, VariantFile.shard)):
+        files.setdefault(variant_id, []).append(blob_id)
+        if path is not None:
+            paths.setdefault(variant_id, []).append(path)
+    held = holders(session, sorted({b for ids in files.values() for b in ids})) \
+        if node_id is not None else {}
     v, m = Variant.__table__.c, Model.__table__.c
     query = (
         select(v.id, v.tag, v.quant_type, v.size, v.bits_per_weight, v.state, v.origin,
@@ -83,7 +171,11 @@ def list_rows(session: Session) -> list[dict[str, Any]]:
         .join_from(Variant.__table__, Model.__table__, v.model_id == m.id)
         .order_by(m.name, v.tag)
     )
-    return [_row(r, r, paths.get(r.id, [])) for r in session.execute(query)]
+    rows = [_row(r, r, paths.get(r.id, [])) for r in session.execute(query)]
+    if node_id is not None:
+        for row in rows:
+            row["nodes"] = _on_every(held, files.get(row["id"], []))
+    return rows
 
 
 def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
@@ -92,7 +184,7 @@ def variant_detail(session: Session, v: Variant) -> dict[str, Any]:
     out["facts"] = v.facts
     out["recipe"] = v.recipe
     out["attachments"] = [{"kind": a.kind, "name": a.name, "sha256": a.blob.sha256,
-                           "size": a.blob.size, "path": a.blob.path} for a in v.attachments]
+                           "size": a.blob.size, "path": local_path(a.blob)} for a in v.attachments]
     lineage: list[str] = []
     parent = v.parent
     while parent is not None and len(lineage) < 32:
@@ -252,6 +344,7 @@ def get_or_create_blob(session: Session, sha256: str, size: int, path: str, in_s
     if not created and in_store and not blob.in_store:
         # The store's copy is the one qmgr can vouch for: prefer it over an outside file.
         blob.path, blob.in_store, blob.mtime_ns = path, True, mtime_ns
+    record_copy(session, blob, path, in_store, mtime_ns)
     return blob
 
 

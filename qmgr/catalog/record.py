@@ -83,6 +83,9 @@ def record_variant(catalog: Catalog, model_name: str, shards: list[ShardFile],
                         # Same bytes, re-verified now: remember the current mtime, or the next
                         # start would think the file changed.
                         f.blob.mtime_ns = s.path.stat().st_mtime_ns
+                    # In a fleet: this node has them now (fetched from a peer, or found).
+                    queries.record_copy(session, f.blob, str(s.path), in_store,
+                                        s.path.stat().st_mtime_ns)
                 _attach(session, v, attachments or [], in_store)
                 if default:
                     model.default_tag = v.tag
@@ -137,8 +140,13 @@ def remove_variants(catalog: Catalog, ref: str, every: bool = False) -> dict[str
             session.delete(v)
         session.flush()
         for blob in blobs:
-            if blob.in_store:
-                deleted_files.append(blob.path)
+            # In a fleet, this node's copy (its peers' copies are left to them: files without
+            # a row, that their next start keeps if their bytes match their names).
+            path = queries.local_path(blob)
+            copy_in_store = blob.in_store if queries.node_of(session) is None else any(
+                c.in_store and c.path == path for c in blob.copies)
+            if copy_in_store and path is not None:
+                deleted_files.append(path)
             session.delete(blob)
         for m in models:
             session.refresh(m)

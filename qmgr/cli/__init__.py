@@ -173,6 +173,7 @@ def _exit_status(code: object) -> int:
 from qmgr.cli import (  # noqa: E402, F401
     catalog,
     fit,
+    fleet,
     jobs,
     measure,
     mirror,

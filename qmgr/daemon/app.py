@@ -18,6 +18,7 @@ from qmgr.daemon.routes import catalog_routes, daemon_routes
 from qmgr.daemon.state import Daemon
 from qmgr.eval import routes as eval_routes
 from qmgr.fetch import routes as fetch_routes
+from qmgr.fleet import routes as fleet_routes
 from qmgr.quantize import routes as quantize_routes
 from qmgr.run import routes as run_routes
 from qmgr.work import api, openapi
@@ -35,6 +36,7 @@ def endpoints(d: Daemon) -> list[Endpoint]:
         *job_routes.routes(d.jobs),
         *run_routes.routes(d.catalog, d.running, d.models),
         *eval_routes.routes(d.measuring, d.jobs),
+        *fleet_routes.routes(d.catalog, d.settings.node),
     ]
 
 

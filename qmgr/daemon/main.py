@@ -168,7 +168,7 @@ async def serve(s: Settings, socks: list[socket.socket], daemon: Any,
 
         api = build_api_app(daemon.catalog, daemon.running, daemon.models, daemon.puller,
                             daemon.fitter, daemon.jobs, [address for _, address in listeners],
-                            s.api_key, s.origins)
+                            s.api_key, s.origins, s.fleet_key)
         servers.append(Server(uvicorn.Config(api, log_config=None, lifespan="off",
                                              access_log=s.log_level == "debug",
                                              timeout_graceful_shutdown=10)))

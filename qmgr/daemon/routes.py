@@ -81,14 +81,15 @@ def _count(items: Iterable[str]) -> dict[str, int]:
 def catalog_routes(catalog: Catalog, store: Store, watcher: Watcher) -> list[Endpoint]:
     api = Table()
     # `qmgr list` is the command users run most: its answer is cached until the next write
-    # (the catalog's generation, which every write transaction bumps).
+    # (the catalog's generation, which every write transaction bumps), where this daemon is
+    # the only writer (SQLite).
     cached: tuple[int, bytes] | None = None
 
     @api.endpoint("GET", "/v1/variants", "Every cataloged variant")
     def list_variants(call: Call) -> Response:
         nonlocal cached
         generation, hit = catalog.generation, cached
-        if hit is None or hit[0] != generation:
+        if hit is None or hit[0] != generation or not catalog.exclusive:
             with catalog.reading() as session:
                 body = JSONResponse(queries.list_rows(session)).body
             hit = cached = (generation, bytes(body))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from qmgr.catalog.db import Catalog
 from qmgr.daemon.recovery import Report, reconcile
+from qmgr.fleet.node import FleetNode, check_fleet
 from qmgr.plugins import PluginSet
 from qmgr.settings import Settings, knob
 from qmgr.store import Store
@@ -35,13 +37,20 @@ class Daemon:
         self.catalog = Catalog(settings.database_url)
         if self.catalog.migrate():
             log.info("catalog migrated to the newest schema")
-        self.recovery: Report = reconcile(self.catalog, self.store)
         self.plugins = PluginSet()
+        self.jobs = JobRunner(self.catalog)
+        self.puller = Puller(self.catalog, self.store, self.plugins, fleet_key=settings.fleet_key)
+        self.fitter = Fitter(self.puller, settings)
+        self.fleet: FleetNode | None = None
+        if settings.node:
+            # Registered before recovery: which copies of blobs are this node's.
+            check_fleet(settings, self.catalog)
+            self.fleet = FleetNode(self.catalog, settings, self.jobs,
+                                   lambda: self.fitter.hardware().to_dict(), self._loaded)
+            self.fleet.register()
+        self.recovery: Report = reconcile(self.catalog, self.store)
         self.watcher = Watcher(self.catalog, self.store, settings.watch_settle)
         self.watcher.start()
-        self.jobs = JobRunner(self.catalog)
-        self.puller = Puller(self.catalog, self.store, self.plugins)
-        self.fitter = Fitter(self.puller, settings)
         self.jobs.register("pull", self.puller.run)
         self.quantizing = Quantizing(self.catalog, self.store)
         self.jobs.register("quantize", self.quantizing.run)
@@ -56,8 +65,20 @@ class Daemon:
         self.jobs.register("eval", self.measuring.run_eval)
         self.jobs.register("bench", self.measuring.run_bench)
         self.jobs.resume_unfinished()
+        if self.fleet is not None:
+            self.fleet.start()
+
+    def _loaded(self) -> list[dict[str, Any]]:
+        """What this node's runners hold, as its heartbeat tells the fleet."""
+        models = getattr(self, "models", None)  # None while the daemon starts
+        if models is None:
+            return []
+        return [{k: r[k] for k in ("ref", "ctx", "rss", "busy", "backend")}
+                for r in models.ps()]
 
     def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         self.models.shutdown()
         self.jobs.shutdown()
         self.watcher.stop()

@@ -69,14 +69,14 @@ class Measuring:
             elif ":" in ref:
                 ready = [queries.resolve_one(session, ref)]
             ready.sort(key=precision_rank, reverse=True)
-            return [(f"{v.model.name}:{v.tag}", v.files[0].blob.path) for v in ready]
+            return [(f"{v.model.name}:{v.tag}", queries.local_paths(v)[0]) for v in ready]
 
     def base_of(self, name: str) -> tuple[str, str]:
         with self.catalog.reading() as session:
             found = [v for v in queries.resolve(session, name)
                      if v.state == VariantState.READY and len(v.files) == 1]
             best = max(found, key=precision_rank)
-            return f"{best.model.name}:{best.tag}", best.files[0].blob.path
+            return f"{best.model.name}:{best.tag}", queries.local_paths(best)[0]
 
     def store(self, rows: list[dict[str, Any]]) -> None:
         hw = self.hardware().to_dict()

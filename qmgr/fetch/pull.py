@@ -55,6 +55,8 @@ class Puller:
     # per-request copy of this puller: a second pull of the same bytes waits for the first
     # and then finds them in the store, instead of writing the same partial file.
     fetching: _FileLocks = field(default_factory=lambda: _FileLocks())
+    # In a fleet: the key its nodes send each other for blobs (None: no peers are asked).
+    fleet_key: str | None = None
 
     def options(self, insecure: bool) -> Options:
         e = self.env
@@ -192,22 +194,83 @@ class Puller:
 
     # -- the job ------------------------------------------------------------------------------
 
-    def cached(self, source_ref: str) -> list[ShardFile] | None:
-        """Files of a ready variant pulled from this very source reference, if any."""
+    def cached(self, source_ref: str | None, handle: JobHandle | None = None,
+               variant_id: int | None = None) -> list[ShardFile] | None:
+        """Files of a ready variant pulled from this very source reference (or of variant
+        ``variant_id``), if any. In a fleet, files this node lacks are fetched from the peers
+        that hold them (verified by their digests): the origin is not asked at all; None if
+        no peer could serve them."""
         with self.catalog.reading() as session:
-            variant = session.scalar(select(Variant).where(
-                Variant.source_ref == source_ref, Variant.state == VariantState.READY))
-            if variant is None:
+            variant = session.get(Variant, variant_id) if variant_id is not None else \
+                session.scalar(select(Variant).where(Variant.source_ref == source_ref,
+                                                     Variant.state == VariantState.READY))
+            if variant is None or variant.state != VariantState.READY:
                 return None
-            blobs = [(Path(f.blob.path), f.blob.sha256, f.blob.size) for f in variant.files]
-        if not all(p.is_file() and p.stat().st_size == size for p, _sha, size in blobs):
+            blobs = [(queries.local_path(f.blob), f.blob.sha256, f.blob.size)
+                     for f in variant.files]
+        out = []
+        progress = _Counter(handle, 0) if handle is not None else None
+        for where, sha, size in blobs:
+            path = Path(where) if where else self.have_blob(sha)
+            if (path is None or not path.is_file()) and handle and progress:
+                with self.fetching.hold(sha, handle):
+                    path = self.have_blob(sha) or self.from_peers(sha, handle, progress)
+            if path is None or not path.is_file() or path.stat().st_size != size:
+                return None
+            out.append(ShardFile(path, gguf.inspect(path), sha, size))
+        return out
+
+    def peers_with(self, sha256: str) -> list[RemoteFile]:
+        """The blob at each up peer of this fleet node that holds it (none outside a fleet,
+        or without a fleet key): URLs of their API listeners, most recently heard first."""
+        if self.catalog.node_id is None or not self.fleet_key:
+            return []
+        from qmgr.catalog.models import BlobCopy, Node
+
+        with self.catalog.reading() as session:
+            rows = session.execute(
+                select(Node.name, Node.address, Blob.size)
+                .join(BlobCopy, BlobCopy.node_id == Node.id)
+                .join(Blob, BlobCopy.blob_id == Blob.id)
+                .where(Blob.sha256 == sha256, Node.state == "up",
+                       Node.id != self.catalog.node_id, Node.address.is_not(None))
+                .order_by(Node.heartbeat_at.desc())).all()
+        return [RemoteFile(f"sha256-{sha256[:12]} from {name}",
+                           f"{address}/fleet/blobs/sha256:{sha256}", size, sha256,
+                           headers={"Authorization": f"Bearer {self.fleet_key}"},
+                           allow_http=True)
+                for name, address, size in rows if address]
+
+    def from_peers(self, sha256: str, handle: JobHandle, progress: _Counter) -> Path | None:
+        """The blob fetched from a peer that holds it (each tried in turn: one that is down,
+        or that serves bytes other than their name, is skipped), or None. The caller holds
+        the blob's fetching lock."""
+        peers = self.peers_with(sha256)
+        if not peers:
             return None
-        return [ShardFile(p, gguf.inspect(p), sha, size) for p, sha, size in blobs]
+        with make_client(self.stall_timeout(), self.ca_bundle()) as client:
+            for peer in peers:
+                try:
+                    path = self._download(client, peer, False, handle, progress)
+                except Cancelled:
+                    raise
+                except QmgrError as e:
+                    if handle.cancel.is_set():
+                        raise
+                    log.warning("%s: %s", peer.name, e.message)
+                    handle.update(peer_failures=[*handle.progress.get("peer_failures", []),
+                                                 f"{peer.name}: {e.message}"])
+                    continue
+                log.info("%s: verified", peer.name)
+                handle.update(from_peer=peer.name.rpartition(" from ")[2])
+                return path
+        return None
 
     def have_blob(self, sha256: str) -> Path | None:
         with self.catalog.reading() as session:
             blob = session.scalar(select(Blob).where(Blob.sha256 == sha256))
-            path = Path(blob.path) if blob else self.store.blob_path(sha256)
+            where = queries.local_path(blob) if blob else None
+            path = Path(where) if where else self.store.blob_path(sha256)
         if path.is_file():
             return path
         # An orphan blob kept by recovery (bytes verified against its name) is as good.
@@ -225,7 +288,18 @@ class Puller:
         typed, ref = self.resolve(args["ref"])
         if ref.kind == "alias":  # an alias of a cataloged variant: nothing to fetch
             with self.catalog.reading() as session:
-                variant = queries.variant_dict(queries.resolve_one(session, ref.raw))
+                found = queries.resolve_one(session, ref.raw)
+                variant = queries.variant_dict(found)
+                local = all(queries.local_path(f.blob) for f in found.files)
+            if not local:  # in a fleet, on other nodes only: from them
+                fetched = self.cached(None, handle, variant_id=variant["id"])
+                if fetched is None:
+                    raise QmgrError(f"{variant['ref']}: no peer that holds it could serve it",
+                                    code="not_here")
+                variant, _ = record_variant(
+                    self.catalog, variant["model"], fetched, combined_facts(fetched),
+                    origin=Origin(variant["origin"]), source_ref=variant["source_ref"],
+                    in_store=True)
             handle.update(phase="done", done=0, total=variant["size"], downloaded=0)
             return {"variant": variant, "downloaded": 0}
         # `pull llama3 --fit` decided first, then asked for the variant it chose (``ref``),
@@ -237,7 +311,7 @@ class Puller:
         if args.get("decision"):
             handle.update(decision=args["decision"])
         if ref.quant and ref.kind == "hf" and not ref.file:
-            cached = self.cached(ref.canonical)
+            cached = self.cached(ref.canonical, handle)
             if cached is not None:
                 name = model_name or _model_of(self, ref.canonical)
                 variant, _ = record_variant(
@@ -304,24 +378,34 @@ class Puller:
     def _fetch_alone(self, client: httpx.Client, remote: RemoteFile, insecure: bool,
                      handle: JobHandle, progress: _Counter) -> tuple[Path, bool]:
         path = self.have_blob(remote.sha256) if remote.sha256 else None
+        if path is None and remote.sha256:
+            # A peer of the fleet has these bytes: from it, before the origin.
+            path = self.from_peers(remote.sha256, handle, progress)
+            if path is not None:
+                return path, True
         fresh = path is None
         if path is None:
-            dl = Download(client, self.store, remote, self.options(insecure),
-                          progress=progress, cancel=handle.cancel)
-            progress.done += dl.bytes_on_disk(remote.size) if remote.size else 0
-            handle.update(file=remote.name, done=progress.done)
-            try:
-                with handle.interrupted_by_cancel(dl.hang_up):
-                    _sha, _size, path = dl.run()
-            except BaseException:
-                if handle.cancel_reason == "user":
-                    dl.discard()
-                raise
+            path = self._download(client, remote, insecure, handle, progress)
         else:
             log.info("%s: bytes already in the store (%s)", remote.name, path.name)
             progress.done += path.stat().st_size
         handle.update(done=progress.done)
         return path, fresh
+
+
+    def _download(self, client: httpx.Client, remote: RemoteFile, insecure: bool,
+                  handle: JobHandle, progress: _Counter) -> Path:
+        dl = Download(client, self.store, remote, self.options(insecure),
+                      progress=progress, cancel=handle.cancel)
+        progress.done += dl.bytes_on_disk(remote.size) if remote.size else 0
+        handle.update(file=remote.name, done=progress.done)
+        try:
+            with handle.interrupted_by_cancel(dl.hang_up):
+                return dl.run()[2]
+        except BaseException:
+            if handle.cancel_reason == "user":
+                dl.discard()
+            raise
 
 
 T = TypeVar("T")

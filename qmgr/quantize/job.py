@@ -79,7 +79,7 @@ class Quantizing:
                                 "quantizing split models is not supported yet",
                                 code="unsupported_file")
             return Parent(v.id, v.model.name, f"{v.model.name}:{v.tag}",
-                          Path(v.files[0].blob.path), v.sha256, dict(v.facts or {}))
+                          Path(queries.local_paths(v)[0]), v.sha256, dict(v.facts or {}))
 
     def imatrix_for(self, model: str, spec: str | None) -> tuple[Path, str] | None:
         """The importance matrix to use: a file path, a digest prefix, or "latest" (the newest

@@ -128,7 +128,7 @@ class Running:
             if v.state != VariantState.READY:
                 raise QmgrError(f"{v.model.name}:{v.tag} is {v.state}: its file is not usable",
                                 code="not_ready")
-            return f"{v.model.name}:{v.tag}", [f.blob.path for f in v.files], dict(v.facts)
+            return f"{v.model.name}:{v.tag}", queries.local_paths(v), dict(v.facts)
 
     def runner(self, ref: str, ctx: int | None = None, kv_type: str = "f16",
                hw: str | None = None, backend: str | None = None) -> Runner:

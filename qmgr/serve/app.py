@@ -74,10 +74,12 @@ class Origins:
 
 
 class Guard(BaseHTTPMiddleware):
-    def __init__(self, app: object, loopback: bool, api_key: str | None, origins: Origins):
+    def __init__(self, app: object, loopback: bool, api_key: str | None, origins: Origins,
+                 fleet_key: str | None = None):
         super().__init__(app)  # type: ignore[arg-type]
         self.loopback = loopback
         self.api_key = api_key
+        self.fleet_key = fleet_key
         self.origins = origins
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
@@ -104,7 +106,14 @@ class Guard(BaseHTTPMiddleware):
                     "Access-Control-Max-Age": CORS_MAX_AGE,
                     "Vary": "Origin, Access-Control-Request-Method, "
                             "Access-Control-Request-Headers"})
-        if self.api_key and request.url.path != "/":
+        if request.url.path.startswith("/fleet/"):
+            # A fleet's peers, with the fleet's key (not the API key programs get).
+            from qmgr.fleet.routes import authorized
+
+            if not authorized(request, self.fleet_key):
+                return JSONResponse({"error": "missing or wrong fleet key (Authorization: "
+                                     "Bearer FLEET_KEY)"}, status_code=401)
+        elif self.api_key and request.url.path != "/":
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
                 # With the CORS headers: the page may read why it was refused.
@@ -119,7 +128,8 @@ class Guard(BaseHTTPMiddleware):
 
 def build_api_app(catalog: Catalog, running: Running, models: ModelManager, puller: Puller,
                   fitter: Fitter, jobs: JobRunner, addresses: Sequence[str],
-                  api_key: str | None, origins: Iterable[str] = ()) -> Starlette:
+                  api_key: str | None, origins: Iterable[str] = (),
+                  fleet_key: str | None = None) -> Starlette:
     """The listener's app, for sockets at ``addresses`` (HOST:PORT each; each is checked as a
     ``listen`` setting is). The ``Host`` rule applies when all of them are on loopback."""
     loopback = all(is_loopback(check_listen(address, api_key)[0]) for address in addresses)
@@ -135,9 +145,14 @@ def build_api_app(catalog: Catalog, running: Running, models: ModelManager, pull
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"},
                             status_code=500)
 
+    peers = []
+    if catalog.node_id is not None and fleet_key:
+        from qmgr.fleet.routes import peer_routes
+
+        peers = peer_routes(catalog)
     return Starlette(routes=[*ollama.routes(catalog, running, models),
                              *ollama.pull_routes(puller, fitter, jobs),
-                             *openai.routes(catalog, running, models)],
+                             *openai.routes(catalog, running, models), *peers],
                      middleware=[Middleware(Guard, loopback=loopback, api_key=api_key,
-                                            origins=Origins(origins))],
+                                            origins=Origins(origins), fleet_key=fleet_key)],
                      exception_handlers={QmgrError: known, Exception: unexpected})

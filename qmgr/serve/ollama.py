@@ -169,7 +169,7 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
                         "head_count_kv", "feed_forward_length", "vocab_size"):
                 if facts.get(key) is not None:
                     info[f"{arch}.{key}"] = facts[key]
-            path = v.files[0].blob.path
+            path = queries.local_paths(v)[0]
             modified = _iso(v.created_at)
             out = {"license": "", "modelfile": f"FROM {path}\n", "parameters": "",
                    "details": details(v), "model_info": info, "modified_at": modified}
@@ -182,7 +182,7 @@ def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Rou
 
     def _template(name: str) -> str:
         with catalog.reading() as session:
-            path = resolve(session, name).files[0].blob.path
+            path = queries.local_paths(resolve(session, name))[0]
         return template_of(path)
 
     async def show(request: Request) -> Response:

@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import Job, JobState
+from qmgr.catalog.models import Job, JobState, Node
 from qmgr.errors import NotFound, QmgrError, as_qmgr_error
 from qmgr.settings import knob
 
@@ -268,19 +268,29 @@ class JobRunner:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmgr-job")
         self.stopping = False
         self.lock = threading.Lock()
+        # In a fleet: this node's row id. Jobs are then claimed (claim()) rather than all
+        # resumed, and a row another node has taken over is neither written nor run here.
+        self.node_id: int | None = None
 
     def register(self, kind: str, fn: JobFunction) -> None:
         self.kinds[kind] = fn
 
     def submit(self, kind: str, arguments: dict[str, Any],
-               secrets: dict[str, str] | None = None) -> dict[str, Any]:
+               secrets: dict[str, str] | None = None,
+               node_id: int | None = None) -> dict[str, Any]:
+        """Record a job and run it here; in a fleet, ``node_id`` may name another node, which
+        claims it at its next heartbeat (its row is then the job's only news here)."""
         if kind not in self.kinds:
             raise QmgrError(f"unknown job kind {kind!r}", code="bad_request")
+        elsewhere = node_id is not None and node_id != self.node_id
         with self.catalog.writing() as session:
-            job = Job(kind=kind, arguments=arguments, state=JobState.QUEUED, progress={})
+            job = Job(kind=kind, arguments=arguments, state=JobState.QUEUED, progress={},
+                      node_id=node_id if elsewhere else self.node_id)
             session.add(job)
             session.flush()
             job_id = job.id
+            if elsewhere:
+                return job_row_dict(job)
         return self._start(JobHandle(job_id, kind, arguments, secrets)).to_dict()
 
     def _start(self, handle: JobHandle) -> JobHandle:
@@ -289,7 +299,65 @@ class JobRunner:
         self.pool.submit(self._run, handle)
         return handle
 
+    def claim(self) -> int:
+        """In a fleet: take the unfinished jobs that are this node's (left by its previous
+        run), nobody's, or a gone node's, locking each row so that two nodes claiming at once
+        never take the same job (``FOR UPDATE SKIP LOCKED``: a row another node is claiming
+        or saving is passed over, not waited for). Returns how many were started."""
+        if self.stopping or self.node_id is None:
+            return 0
+        gone = select(Node.id).where(Node.state == "gone")
+        started = []
+        with self.catalog.writing() as session:
+            rows = session.scalars(select(Job).where(
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                Job.kind.in_(list(self.kinds)),
+                or_(Job.node_id.is_(None), Job.node_id == self.node_id,
+                    Job.node_id.in_(gone)))
+                .order_by(Job.id).with_for_update(skip_locked=True))
+            for job in rows:
+                if job.id in self.handles:
+                    continue
+                if job.node_id != self.node_id:
+                    log.info("taking over job %d (%s) from %s", job.id, job.kind,
+                             "nobody" if job.node_id is None else f"gone node {job.node_id}")
+                job.node_id = self.node_id
+                started.append(JobHandle(job.id, job.kind, dict(job.arguments)))
+        for handle in started:
+            self._start(handle)
+        return len(started)
+
+    def follow_rows(self) -> list[int]:
+        """In a fleet: stop the jobs running here whose rows say another node has taken them
+        over (this node was thought gone: that node runs them now) or that they were
+        cancelled (`qmgr cancel` on another node). Returns the ids stopped."""
+        if self.node_id is None:
+            return []
+        mine = [h.id for h in list(self.handles.values()) if h.state not in TERMINAL]
+        if not mine:
+            return []
+        with self.catalog.reading() as session:
+            rows = session.execute(select(Job.id, Job.node_id, Job.state).where(
+                Job.id.in_(mine))).all()
+        stopped = []
+        for job_id, node_id, state in rows:
+            handle = self.handles.get(job_id)
+            if handle is None:
+                continue
+            if state == JobState.CANCELLED:
+                log.info("job %d was cancelled from another node", job_id)
+                handle.request_cancel("user")
+            elif node_id != self.node_id:
+                log.warning("job %d was taken over by another node: stopping it here", job_id)
+                handle.request_cancel("taken")
+            else:
+                continue
+            stopped.append(job_id)
+        return stopped
+
     def resume_unfinished(self) -> int:
+        if self.node_id is not None:
+            return self.claim()
         with self.catalog.reading() as session:
             rows = list(session.scalars(select(Job).where(
                 Job.state.in_([JobState.QUEUED, JobState.RUNNING])).order_by(Job.id)))
@@ -319,6 +387,8 @@ class JobRunner:
             # Locked: a cancel written meanwhile (by another daemon of a fleet) is seen, and a
             # job that ended stays ended.
             job = session.get(Job, handle.id, with_for_update=True)
+            if job is not None and self.node_id is not None and job.node_id != self.node_id:
+                return  # taken over by another node of the fleet: its row now
             if job is not None and (job.state not in TERMINAL or job.state == d["state"]):
                 job.state, job.progress, job.error = d["state"], progress, d["error"]
 
@@ -341,10 +411,17 @@ class JobRunner:
         try:
             final = {"state": JobState.SUCCEEDED, "result": self.kinds[handle.kind](handle)}
         except BaseException as e:
-            if handle.cancel_reason == "shutdown":
-                log.info("job %d stopped for shutdown; it resumes at the next start", handle.id)
+            if handle.cancel_reason in ("shutdown", "taken"):
+                if handle.cancel_reason == "shutdown":
+                    log.info("job %d stopped for shutdown; it resumes at the next start",
+                             handle.id)
+                else:  # what is asked of it is read from its row, which its new node writes
+                    with self.lock:
+                        self.handles.pop(handle.id, None)
                 handle.changed()
-                return  # the row stays queued or running: resumed at the next start
+                # The row stays queued or running: resumed at the next start (or run by the
+                # node that took it over).
+                return
             if handle.cancel_reason == "user":
                 final = {"state": JobState.CANCELLED, "error": "cancelled",
                          "error_code": "cancelled"}

@@ -1,0 +1,1 @@
+"""A fleet: several daemons sharing one PostgreSQL catalog (docs/fleet.md)."""

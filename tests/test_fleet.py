@@ -1,0 +1,238 @@
+"""A fleet on this machine: one real PostgreSQL, three qmgrd processes with their own homes,
+API listeners on loopback ports and declared hardware of different sizes (docs/fleet.md)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from badmirror import BadMirror, sha256_of
+from conftest import QMGR, Env, free_port, pg_server, wait_for
+from ggufmake import make_tiny_gguf
+
+KEY = "fleet-secret-for-tests"
+# Declared hardware: a small box, a middling one, a large one.
+HW = {"a": "ram=1GiB", "b": "ram=2GiB", "c": "ram=8GiB"}
+
+
+class Fleet:
+    def __init__(self, url: str, origin: str):
+        self.url = url
+        self.nodes: dict[str, Env] = {}
+        self.ports: dict[str, int] = {}
+        self.origin = origin
+
+    def add(self, name: str) -> Env:
+        root = Path(tempfile.mkdtemp(prefix=f"qf{name}-", dir="/tmp"))
+        env = Env(root)
+        for hub in ("HF_ENDPOINT", "HF_TOKEN"):
+            env.env.pop(hub, None)
+        port = self.ports.setdefault(name, free_port())
+        env.env.update(QMGR_DATABASE_URL=self.url, QMGR_NODE=name, QMGR_HW=HW[name],
+                       QMGR_LISTEN=f"127.0.0.1:{port}", QMGR_HEARTBEAT="0.3",
+                       QMGR_NODE_TIMEOUT="2", QMGR_HF_ENDPOINT=self.origin,
+                       QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05",
+                       QMGR_RETRIES="3", QMGR_WARM_WORKERS="0")
+        (root / "config.toml").write_text(f'fleet_key = "{KEY}"\n')
+        env.start()
+        self.nodes[name] = env
+        return env
+
+    def view(self, name: str = "a") -> dict[str, dict[str, Any]]:
+        out = self.nodes[name].json("fleet")
+        return {n["name"]: n for n in out["nodes"]}
+
+    def close(self) -> None:
+        for env in self.nodes.values():
+            if env.proc is not None and env.proc.poll() is None:
+                env.stop()
+            shutil.rmtree(env.root, ignore_errors=True)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "mirror"
+    d = root / "test" / "tiny"
+    d.mkdir(parents=True)
+    make_tiny_gguf(d / "tiny-Q8_0.gguf", ftype="Q8_0", n_vocab=4000)
+    make_tiny_gguf(d / "tiny-F16.gguf", ftype="F16", n_vocab=4000)
+    return root
+
+
+@pytest.fixture
+def fleet(mirror: BadMirror) -> Iterator[Fleet]:
+    f = Fleet(pg_server().database(), mirror.url)
+    try:
+        for name in "abc":
+            f.add(name)
+        yield f
+    finally:
+        f.close()
+
+
+def test_nodes_register_heartbeat_and_go(fleet: Fleet) -> None:
+    view = fleet.view("b")
+    assert sorted(view) == ["a", "b", "c"]
+    for name, node in view.items():
+        assert node["state"] == "up"
+        assert node["address"] == f"http://127.0.0.1:{fleet.ports[name]}"
+        # Each node's own declared devices, as its probes would have reported them.
+        assert [(d["kind"], d["memory_total"]) for d in node["devices"]] == [
+            ("cpu", {"a": 1, "b": 2, "c": 8}[name] << 30)]
+        assert node["heartbeat_age"] < 2
+    table = fleet.nodes["a"].qmgr("fleet").stdout
+    assert table.splitlines()[0].split()[:3] == ["NODE", "STATE", "ADDRESS"]
+    assert "a *" in table  # the node asked
+    # A node killed without a word stops heartbeating: the others mark it gone.
+    fleet.nodes["c"].stop(signal.SIGKILL)
+    wait_for("c marked gone", lambda: fleet.view("a")["c"]["state"] == "gone")
+    assert fleet.view("b")["a"]["state"] == "up"
+    # It comes back under its name: the same row, up again.
+    fleet.add("c")
+    assert fleet.view("a")["c"]["state"] == "up"
+    assert len(fleet.nodes["a"].catalog_rows("SELECT id FROM nodes WHERE name = 'c'")) == 1
+    # A clean stop says so at once (its jobs are then taken over without waiting).
+    fleet.nodes["b"].stop()
+    assert fleet.view("a")["b"]["state"] == "gone"
+
+
+def test_fleet_needs_postgresql(qenv: Env) -> None:
+    qenv.env.update(QMGR_NODE="x", QMGR_DATABASE_URL=f"sqlite:///{qenv.root / 'c.db'}")
+    proc = qenv.start(wait=False)
+    assert proc.wait(30) == 1
+    assert "share a PostgreSQL catalog" in qenv.daemon_log()
+
+
+def test_blob_from_peer_with_origin_stopped(fleet: Fleet, mirror: BadMirror,
+                                            repo: Path) -> None:
+    a, b = fleet.nodes["a"], fleet.nodes["b"]
+    src = repo / "test" / "tiny" / "tiny-Q8_0.gguf"
+    a.qmgr("pull", "hf.co/test/tiny:Q8_0")
+    served = mirror.bytes_sent
+    assert served == src.stat().st_size
+    # The variant is the fleet's: every node lists it, held by a only.
+    row = b.json("list")[0]
+    assert row["nodes"] == ["a"] and row["paths"] == []
+    # Not on b: running it there says where it is.
+    r = b.qmgr("run", "tiny:Q8_0", "hi", check=False)
+    assert r.returncode != 0 and "on a, not on this node" in r.stderr
+    # The origin gone, b pulls the same reference: from its peer a.
+    mirror.stop()
+    r = b.qmgr("pull", "hf.co/test/tiny:Q8_0", "--json")
+    assert mirror.bytes_sent == served  # nothing more from the origin
+    row = b.json("list")[0]
+    assert row["nodes"] == ["a", "b"]
+    path = Path(row["paths"][0])
+    assert path.is_relative_to(b.home / "store" / "blobs")
+    assert sha256_of(path) == sha256_of(src) == row["sha256"]
+    assert fleet.view("c")["b"]["blobs"] == 1
+    # The peer endpoint wants the fleet's key.
+    url = f"http://127.0.0.1:{fleet.ports['a']}/fleet/blobs/sha256:{row['sha256']}"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = httpx.get(url, headers={"Authorization": f"Bearer {KEY}", "Range": "bytes=0-3"})
+    assert ok.status_code == 206 and ok.content == b"GGUF"
+    missing = url[:-64] + "0" * 64
+    assert httpx.get(missing, headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    # Each node's copies are its own: rows say which node holds what, where.
+    copies = a.catalog_rows("SELECT n.name, c.path FROM blob_copies c JOIN nodes n ON "
+                            "n.id = c.node_id ORDER BY n.name")
+    assert [name for name, _ in copies] == ["a", "b"]
+    assert Path(copies[0][1]).is_relative_to(a.home)
+
+
+class Liar(BaseHTTPRequestHandler):
+    """A peer that serves the right size of the wrong bytes."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.hits += 1  # type: ignore[attr-defined]
+        size = self.server.size  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.wfile.write(b"\0" * size)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_peer_serving_wrong_bytes_is_skipped(fleet: Fleet, mirror: BadMirror,
+                                             repo: Path) -> None:
+    a, b = fleet.nodes["a"], fleet.nodes["b"]
+    a.qmgr("pull", "hf.co/test/tiny:Q8_0")
+    sha = a.json("list")[0]["sha256"]
+    liar = ThreadingHTTPServer(("127.0.0.1", 0), Liar)
+    liar.hits, liar.size = 0, (repo / "test" / "tiny" / "tiny-Q8_0.gguf").stat().st_size  # type: ignore[attr-defined]
+    threading.Thread(target=liar.serve_forever, daemon=True).start()
+    try:
+        # A node that claims the blob, heard from last (so asked first), and lies.
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(fleet.url)
+        with engine.begin() as conn:
+            node_id = conn.execute(sa.text(
+                "INSERT INTO nodes (name, address, state, hardware, loaded, started_at, "
+                "heartbeat_at) VALUES ('liar', :addr, 'up', '{}', '[]', now(), "
+                "now() + interval '1 hour') RETURNING id"),
+                {"addr": f"http://127.0.0.1:{liar.server_address[1]}"}).scalar_one()
+            conn.execute(sa.text(
+                "INSERT INTO blob_copies (blob_id, node_id, path, in_store) SELECT id, :n, "
+                "'/nowhere', true FROM blobs WHERE sha256 = :sha"), {"n": node_id, "sha": sha})
+        engine.dispose()
+        mirror.stop()
+        b.qmgr("pull", "hf.co/test/tiny:Q8_0")
+        assert liar.hits >= 1  # type: ignore[attr-defined]
+        row = b.json("list")[0]
+        assert sha256_of(Path(row["paths"][0])) == sha
+        assert "liar" in b.daemon_log() and "sha256 mismatch" in b.daemon_log()
+        assert list((b.home / "store" / "partial").iterdir()) == []
+    finally:
+        liar.shutdown()
+        liar.server_close()
+
+
+def test_killed_node_job_is_finished_by_another(fleet: Fleet, mirror: BadMirror,
+                                                repo: Path) -> None:
+    a, b = fleet.nodes["a"], fleet.nodes["b"]
+    size = (repo / "test" / "tiny" / "tiny-F16.gguf").stat().st_size
+    mirror.behavior["rate"] = size // 20  # ~20 s for the whole file: a is killed well before
+    pull = subprocess.Popen([QMGR, "pull", "hf.co/test/tiny:F16"], env=a.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job = wait_for("a's pull downloading", lambda: next(
+            (j for j in b.json("jobs") if j["state"] == "running"
+             and j["progress"].get("done")), None))
+        owner = b.catalog_rows(f"SELECT n.name FROM jobs j JOIN nodes n ON n.id = j.node_id "
+                               f"WHERE j.id = {job['id']}")
+        assert owner == [("a",)]
+        a.stop(signal.SIGKILL)
+    finally:
+        pull.kill()
+        pull.wait()
+    mirror.behavior.pop("rate")
+    done = wait_for("the job finished elsewhere", lambda: (
+        lambda j: j if j["state"] in ("succeeded", "failed") else None)(
+            b.json("jobs")[0]), timeout=60)
+    assert done["id"] == job["id"] and done["state"] == "succeeded", done
+    taker = b.catalog_rows(f"SELECT n.name FROM jobs j JOIN nodes n ON n.id = j.node_id "
+                           f"WHERE j.id = {job['id']}")[0][0]
+    assert taker in ("b", "c")
+    # Consistent afterwards: one variant, ready, its bytes on the node that finished the job,
+    # no job left running, a marked gone.
+    rows = fleet.nodes[taker].json("list")
+    assert [(r["ref"], r["state"], r["nodes"]) for r in rows] == [
+        ("tiny:F16", "ready", [taker])]
+    assert sha256_of(Path(rows[0]["paths"][0])) == sha256_of(
+        repo / "test" / "tiny" / "tiny-F16.gguf")
+    assert b.catalog_rows("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')") \
+        == [(0,)]
+    assert fleet.view("b")["a"]["state"] == "gone"
