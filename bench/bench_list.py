@@ -23,12 +23,14 @@ from benchenv import qmgr_env
 BIN = Path(sys.executable).parent
 
 
-def fill_catalog(home: Path, n: int) -> None:
+def fill_catalog(home: Path, n: int, url: str | None = None) -> None:
+    """``n`` variants (10 quants of n/10 models) in the catalog at ``url`` (default: the
+    SQLite file of ``home``)."""
     from qmgr.catalog.db import Catalog
     from qmgr.catalog.models import Blob, Model, Variant, VariantFile
 
-    home.mkdir(parents=True)
-    catalog = Catalog(f"sqlite:///{home / 'catalog.db'}")
+    home.mkdir(parents=True, exist_ok=True)
+    catalog = Catalog(url or f"sqlite:///{home / 'catalog.db'}")
     catalog.migrate()
     quants = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "IQ2_XS",
               "Q4_0"]

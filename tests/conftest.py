@@ -259,3 +259,25 @@ def wait_for(what: str, check: Any, timeout: float = 30) -> Any:
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def ladder_mirror(tmp_path: Path) -> Iterator[Any]:
+    """The test mirror serving Llama-3-8B's real quant ladder: true headers, sparse data."""
+    import hashlib
+
+    from badmirror import BadMirror
+    from ladder import ladder_types_small, make_ladder_repo
+
+    repo = make_ladder_repo(tmp_path / "m", types=ladder_types_small)
+    for f in repo.glob("*.gguf"):
+        # Digests beside the files: fit reads headers only, and hashing 33 GB of holes would
+        # take minutes. (Nothing here is downloaded; a download would be verified for real.)
+        f.with_name(f.name + ".sha256").write_text(
+            hashlib.sha256(f.name.encode()).hexdigest() + "\n")
+
+    server = BadMirror(tmp_path / "m")
+    try:
+        yield server
+    finally:
+        server.stop()

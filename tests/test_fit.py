@@ -6,15 +6,12 @@ tensor types and sizes, tests/ladder.py) and sparse holes for data: fit reads he
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from badmirror import BadMirror
 from conftest import Env
-from ladder import ladder_types_small, make_ladder_gguf, make_ladder_repo
+from ladder import ladder_types_small, make_ladder_gguf
 
 from qmgr.fit.estimate import CUDA_CONTEXT, GiB, MiB, ModelShape, kv_bytes, kv_cells, place
 from qmgr.fit.policy import Candidate, decide, option
@@ -193,21 +190,6 @@ def test_two_gpus_share_the_layers(shapes: dict[str, ModelShape]) -> None:
     assert p.kind == "gpu" and p.fits
     layers = [u.layers for u in p.devices if u.kind == "cuda"]
     assert sum(layers) == 32 and min(layers) > 0
-
-
-@pytest.fixture
-def ladder_mirror(tmp_path: Path) -> Iterator[BadMirror]:
-    repo = make_ladder_repo(tmp_path / "m", types=ladder_types_small)
-    for f in repo.glob("*.gguf"):
-        # Digests beside the files: fit reads headers only, and hashing 33 GB of holes would
-        # take minutes. (Nothing here is downloaded; a download would be verified for real.)
-        f.with_name(f.name + ".sha256").write_text(
-            hashlib.sha256(f.name.encode()).hexdigest() + "\n")
-    server = BadMirror(tmp_path / "m")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -25,8 +25,9 @@ HW = {"a": "ram=1GiB", "b": "ram=2GiB", "c": "ram=8GiB"}
 
 
 class Fleet:
-    def __init__(self, url: str, origin: str):
+    def __init__(self, url: str, origin: str, hw: dict[str, str] | None = None):
         self.url = url
+        self.hw = hw or HW
         self.nodes: dict[str, Env] = {}
         self.ports: dict[str, int] = {}
         self.origin = origin
@@ -37,7 +38,7 @@ class Fleet:
         for hub in ("HF_ENDPOINT", "HF_TOKEN"):
             env.env.pop(hub, None)
         port = self.ports.setdefault(name, free_port())
-        env.env.update(QMGR_DATABASE_URL=self.url, QMGR_NODE=name, QMGR_HW=HW[name],
+        env.env.update(QMGR_DATABASE_URL=self.url, QMGR_NODE=name, QMGR_HW=self.hw[name],
                        QMGR_LISTEN=f"127.0.0.1:{port}", QMGR_HEARTBEAT="0.3",
                        QMGR_NODE_TIMEOUT="2", QMGR_HF_ENDPOINT=self.origin,
                        QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05",
@@ -236,3 +237,55 @@ def test_killed_node_job_is_finished_by_another(fleet: Fleet, mirror: BadMirror,
     assert b.catalog_rows("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')") \
         == [(0,)]
     assert fleet.view("b")["a"]["state"] == "gone"
+
+
+def test_placement_picks_the_node_and_the_quant(ladder_mirror: BadMirror) -> None:
+    """Llama-3-8B's real quant ladder (headers only) on three boxes of 6, 8 and 12 GiB."""
+    f = Fleet(pg_server().database(), ladder_mirror.url,
+              {"a": "ram=6GiB", "b": "ram=8GiB", "c": "ram=12GiB"})
+    try:
+        for name in "abc":
+            f.add(name)
+        a = f.nodes["a"]
+        a.qmgr("alias", "add", "llama3", "hf.co/test/llama3-8b")
+        out = a.json("fit", "llama3", "--fleet")
+        # Each node decided as `qmgr fit` on it would (tests/test_fit.py: 6 GiB -> Q2_K,
+        # 8 GiB -> Q6_K, 12 GiB -> Q8_0), and the best quality anywhere wins.
+        assert {n["name"]: n["pick"] for n in out["nodes"]} == {
+            "a": "Q2_K", "b": "Q6_K", "c": "Q8_0"}
+        assert (out["node"], out["pick"]) == ("c", "Q8_0")
+        assert out["reason"].startswith("on node c (is where it fits best): Q8_0")
+        text = a.qmgr("fit", "llama3", "--fleet").stdout
+        assert "* c" in text and "pick: on node c" in text
+        # c gone: the next best is b's.
+        f.nodes["c"].stop()
+        out = a.json("fit", "llama3", "--fleet")
+        assert (out["node"], out["pick"]) == ("b", "Q6_K")
+        assert [n["name"] for n in out["nodes"]] == ["a", "b"]
+    finally:
+        f.close()
+
+
+def test_pull_fit_fleet_puts_it_on_the_chosen_node(fleet: Fleet, repo: Path) -> None:
+    a, b, c = (fleet.nodes[n] for n in "abc")
+    # Everything fits everywhere: the same best quality on every node; none has the bytes,
+    # so the most free memory (c's 8 GiB) decides.
+    out = a.json("fit", "hf.co/test/tiny", "--fleet")
+    assert {n["pick"] for n in out["nodes"]} == {"F16"}
+    assert out["node"] == "c" and "most free memory" in out["reason"]
+    # Pulled from a, run by c: a's client follows the job through its row.
+    r = a.qmgr("pull", "hf.co/test/tiny", "--fit", "--fleet")
+    assert r.stdout.strip() == "tiny:F16", r.stderr
+    row = a.json("list")[0]
+    assert row["nodes"] == ["c"] and row["paths"] == []
+    assert not (a.home / "store" / "blobs").exists() or \
+        list((a.home / "store" / "blobs").iterdir()) == []
+    job = a.json("jobs")[0]
+    assert job["state"] == "succeeded"
+    assert a.catalog_rows(f"SELECT n.name FROM jobs j JOIN nodes n ON n.id = j.node_id "
+                          f"WHERE j.id = {job['id']}") == [("c",)]
+    # Among equals, the node that holds the bytes wins over free memory.
+    b.qmgr("pull", "hf.co/test/tiny:Q8_0")
+    out = b.json("fit", "hf.co/test/tiny:Q8_0", "--fleet")
+    assert out["node"] == "b" and "holds those bytes already" in out["reason"]
+    assert c.json("fit", "hf.co/test/tiny", "--fleet")["node"] == "c"

@@ -42,6 +42,13 @@ def _fit_cell(o: dict[str, Any]) -> str:
     return "no"
 
 
+def show_nodes(out: dict[str, Any], err: bool = False) -> None:
+    """A fleet decision's per-node picks (``fit --fleet``)."""
+    rows = [[("* " if n["name"] == out.get("node") else "  ") + n["name"], n["pick"] or "-",
+             human_size(n["free"]), "yes" if n["has_blob"] else "-"] for n in out["nodes"]]
+    click.echo(table(rows, ["  NODE", "PICK", "FREE", "HAS IT"]), err=err)
+
+
 def show_decision(out: dict[str, Any], err: bool = False) -> None:
     """The table of `qmgr fit`, best quality first, then the pick, why, and notes (on stdout,
     or with ``err`` on stderr: `pull --fit` keeps stdout for the name it pulled); the
@@ -67,6 +74,9 @@ def show_decision(out: dict[str, Any], err: bool = False) -> None:
                "QUALITY"]
     click.echo(table(rows, headers), err=err)
     click.echo("", err=err)
+    if out.get("nodes"):
+        show_nodes(out, err)
+        click.echo("", err=err)
     if out["pick"]:
         click.echo(f"pick: {out['reason']}", err=err)
     else:
@@ -84,10 +94,12 @@ def show_decision(out: dict[str, Any], err: bool = False) -> None:
 @click.argument("ref")
 @fit_options
 @click.option("--insecure", is_flag=True, help="Allow plain http (a registry on your network).")
+@click.option("--fleet", is_flag=True, help="Decide for every node of the fleet and name the "
+              "node too (docs/fleet.md).")
 @json_option
 @click.pass_context
 def fit(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
-        headroom: float | None, insecure: bool, as_json: bool) -> None:
+        headroom: float | None, insecure: bool, fleet: bool, as_json: bool) -> None:
     """Which variant of REF fits this machine: memory per device, quality, and the pick.
 
     Reads only the GGUF headers (HTTP Range requests for a remote REF): nothing is downloaded.
@@ -96,6 +108,8 @@ def fit(ctx: click.Context, ref: str, ctx_len: int | None, kv_type: str | None,
     query["ref"] = ref
     if insecure:
         query["insecure"] = 1
+    if fleet:
+        query["fleet"] = 1
     out = client(ctx).get("/v1/fit", **query)
     if as_json:
         emit_json(out)

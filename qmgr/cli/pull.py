@@ -19,14 +19,16 @@ from qmgr.cli.progress import follow
 @click.option("--fit", "fit_", is_flag=True,
               help="Pull the best variant that fits this machine (see `qmgr fit`).")
 @click.option("--dry-run", is_flag=True, help="With --fit: show the decision, download nothing.")
+@click.option("--fleet", is_flag=True, help="With --fit: the node of the fleet it fits best "
+              "pulls it (docs/fleet.md).")
 @fit_options
 @click.option("--detach", is_flag=True, help="Start the pull and return; it runs in the daemon.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @json_option
 @click.pass_context
 def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_: bool,
-         dry_run: bool, ctx_len: int | None, kv_type: str | None, headroom: float | None,
-         detach: bool, quiet: bool, as_json: bool) -> None:
+         dry_run: bool, fleet: bool, ctx_len: int | None, kv_type: str | None,
+         headroom: float | None, detach: bool, quiet: bool, as_json: bool) -> None:
     """Download a model variant, verify it, and catalog it.
 
     REF is NAME[:QUANT] (an alias), hf.co/OWNER/REPO[:QUANT], hf://OWNER/REPO/FILE,
@@ -39,6 +41,10 @@ def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_:
         raise click.UsageError("--ctx, --kv-type and --headroom go with --fit")
     if dry_run and not fit_:
         raise click.UsageError("--dry-run goes with --fit")
+    if fleet and not fit_:
+        raise click.UsageError("--fleet goes with --fit")
+    if fleet:
+        params["fleet"] = 1
     if dry_run:
         query = {"ref": ref, "remote": 1, **params, **({"insecure": 1} if insecure else {})}
         decision = c.get("/v1/fit", **query)
@@ -49,7 +55,7 @@ def pull(ctx: click.Context, ref: str, insecure: bool, sha256: str | None, fit_:
         return
     # With --fit the daemon decides first, then starts a pull of what it chose.
     job = c.post("/v1/pulls", {"ref": ref, "insecure": insecure, "sha256": sha256,
-                               **({"fit": True, **params} if fit_ else {})})
+                               **({"fit": True, **params, "fleet": fleet} if fit_ else {})})
     if fit_ and not quiet and not as_json:
         show_decision(job["arguments"]["decision"], err=True)
     if detach:

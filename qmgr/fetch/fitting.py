@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from qmgr import gguf
+from qmgr.catalog import queries
 from qmgr.catalog.models import Eval, Model, Variant
 from qmgr.errors import NotFound, QmgrError
 from qmgr.fetch import aliases
@@ -45,6 +47,8 @@ class FitRequest:
     # For a name that is both cataloged and an alias: the source's variants (what to pull)
     # rather than the cataloged ones (what you have).
     remote: bool = False
+    # In a fleet: decide for every up node's devices, and name the node (docs/fleet.md).
+    fleet: bool = False
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> FitRequest:
@@ -67,6 +71,7 @@ class FitRequest:
         if args.get("hw"):
             req.hw = str(args["hw"])
         req.remote = args.get("remote") in (True, "1", "true")
+        req.fleet = args.get("fleet") in (True, "1", "true")
         return req
 
 
@@ -143,22 +148,40 @@ class Fitter:
             model = session.scalar(select(Model).where(Model.name == name))
             if model is None:
                 return []
-            rows = [(v.quant_type, v.size, v.tag, [f.blob.path for f in v.files], v.state,
-                     measured.get(v.id, (None, None)), _lineage(session, v, measured))
+            rows = [(v.quant_type, v.size, v.tag, [(queries.local_path(f.blob), f.blob.sha256)
+                                                   for f in v.files], v.state,
+                     measured.get(v.id, (None, None)), _lineage(session, v, measured), v.sha256)
                     for v in model.variants]
         out = []
-        for quant, size, tag, paths, state, (delta, remark), ancestors in rows:
+        for quant, size, tag, paths, state, (delta, remark), ancestors, sha in rows:
             if state != "ready":
                 continue
-            headers = [gguf.read_header(p) for p in paths]
+            found = [self._header(path, digest) for path, digest in paths]
+            headers = [h for h in found if h is not None]
+            if len(headers) < len(found):
+                continue  # in a fleet, on no node that could be asked
             shape = ModelShape.from_headers(headers)
             params = sum(gguf.facts_from_header(h).parameter_count for h in headers)
             out.append(Candidate(quant, size, shape, {"ref": f"{name}:{tag}",
                                                       "parameter_count": params,
-                                                      "files": len(paths)},
+                                                      "files": len(paths), "sha256": sha},
                                  measured_delta_ppl=delta, ancestors=ancestors,
                                  remarks=[remark] if remark else []))
         return out
+
+    def _header(self, path: str | None, sha256: str) -> gguf.GGUFHeader | None:
+        """A cataloged file's GGUF header: from this node's copy, else (a fleet node without
+        one) read by HTTP Range from a peer that holds it."""
+        if path is not None:
+            return gguf.read_header(path)
+        with make_client(self.puller.stall_timeout(), knob("QMGR_CA_BUNDLE",
+                                                           self.puller.env)) as client:
+            for peer in self.puller.peers_with(sha256):
+                try:
+                    return gguf.read_header_from(RangeReader(client, peer, False))
+                except (QmgrError, OSError, httpx.HTTPError):
+                    continue
+        return None
 
     def measure_remote(self, model: str, candidates: list[Candidate]) -> None:
         """A remote variant is rated by the measurement of its cataloged copy: the same bytes
@@ -206,11 +229,66 @@ class Fitter:
                 pairs[0][1].model_name if pairs else "")
         if remote and model:
             self.measure_remote(model, candidates)
+        if req.fleet:
+            return self._fleet_fit(req, candidates, where, header_bytes) + (remote,)
         decision = decide(candidates, snap.devices, req.ctx, req.kv_type, req.headroom)
         out = decision.to_dict()
         out.update(ref=req.ref, source=where, header_bytes=header_bytes,
                    hardware=snap.to_dict())
         return out, decision, remote
+
+    def _fleet_fit(self, req: FitRequest, candidates: list[Candidate], where: str,
+                   header_bytes: int) -> tuple[dict[str, Any], Decision]:
+        """The decision for every up node, from its heartbeat's devices, and the node to put
+        the pick on: the best quality that fits anywhere; among equals, the node that already
+        holds those bytes, then the one with the most free memory."""
+        from qmgr.catalog.models import Blob, BlobCopy, Node
+
+        if self.puller.catalog.node_id is None:
+            raise QmgrError("--fleet: this daemon is no fleet node (docs/fleet.md)",
+                            code="bad_request")
+        digests = {str(c.info["sha256"]) for c in candidates if c.info.get("sha256")}
+        with self.puller.catalog.reading() as session:
+            nodes = [(n.name, n.id, n.hardware) for n in session.scalars(
+                select(Node).where(Node.state == "up").order_by(Node.name))]
+            held = set(session.execute(
+                select(Node.name, Blob.sha256).join(BlobCopy, BlobCopy.node_id == Node.id)
+                .join(Blob, BlobCopy.blob_id == Blob.id).where(Blob.sha256.in_(digests))).all())
+        per_node = []
+        for name, node_id, hw in nodes:
+            devices = [hardware.Device.from_dict(d) for d in (hw or {}).get("devices", [])]
+            decision = decide(candidates, devices, req.ctx, req.kv_type, req.headroom)
+            pick = decision.pick
+            has = bool(pick and (name, pick.candidate.info.get("sha256")) in held)
+            free = sum(d.memory_free or 0 for d in devices)
+            per_node.append((name, node_id, decision, has, free, devices))
+        fitting = [n for n in per_node if n[2].pick is not None]
+        if not fitting:
+            # As on one machine: why nothing fits, for the largest node.
+            name, _id, decision, _has, _free, devices = max(per_node, key=lambda n: n[4]) \
+                if per_node else ("", 0, decide(candidates, [], req.ctx, req.kv_type,
+                                                req.headroom), False, 0, [])
+            chosen = None
+        else:
+            chosen = min(fitting, key=lambda n: (n[2].pick.rank,  # type: ignore[union-attr]
+                                                 not n[3], -n[4], n[0]))
+            name, _id, decision, _has, _free, devices = chosen
+        out = decision.to_dict()
+        out.update(ref=req.ref, source=where, header_bytes=header_bytes,
+                   hardware={"source": "fleet", "devices": [d.to_dict() for d in devices],
+                             "errors": []},
+                   node=name if chosen else None, node_id=chosen[1] if chosen else None,
+                   nodes=[{"name": n, "pick": d.pick.candidate.quant if d.pick else None,
+                           "rank": d.pick.rank if d.pick else None, "has_blob": has,
+                           "free": free, "reason": d.reason}
+                          for n, _i, d, has, free, _dev in per_node])
+        if chosen:
+            ranks = [n[2].pick.rank for n in fitting if n[2].pick is not None]
+            best = chosen[2].pick.rank if chosen[2].pick is not None else -1
+            why = "holds those bytes already" if chosen[3] else (
+                "has the most free memory" if ranks.count(best) > 1 else "is where it fits best")
+            out["reason"] = f"on node {name} ({why}): {decision.reason}"
+        return out, decision
 
 
 def _ref(v: Variant) -> str:

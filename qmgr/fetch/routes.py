@@ -21,7 +21,9 @@ PULL_BODY = {
                               "description": "64 hex digits"},
                    "fit": {"type": "boolean"}, "ctx": {"type": "integer"},
                    "kv_type": {"type": "string"}, "headroom": {"type": "number"},
-                   "hw": {"type": "string"}},
+                   "hw": {"type": "string"},
+                   "fleet": {"type": "boolean", "description": "with fit: the node of the "
+                             "fleet to put it on is chosen too, and the job runs there"}},
 }
 ALIAS_BODY = {"type": "object", "required": ["name", "reference"],
               "properties": {"name": {"type": "string"}, "reference": {"type": "string"}}}
@@ -38,6 +40,9 @@ def submit_pull(puller: Puller, fitter: Fitter, jobs: JobRunner, body: dict[str,
                             "sha256": sha.lower() if sha else None}
     if any(k not in SECRET_ENV for k in env):
         args["env"] = {k: v for k, v in env.items() if k not in SECRET_ENV}
+    node_id = None
+    if body.get("fleet") and not body.get("fit"):
+        raise QmgrError("fleet goes with fit: the decision names the node", code="bad_request")
     if body.get("fit"):
         # Decide first, then pull what was chosen: the job is an ordinary pull of one
         # variant. The fit service for this request: the client's settings (its Hub endpoint
@@ -50,7 +55,9 @@ def submit_pull(puller: Puller, fitter: Fitter, jobs: JobRunner, body: dict[str,
             args["ref"] = decision["pick_source_ref"]  # one variant of the repository
         args.update(name=typed.name if typed.kind == "alias" else None, default=True,
                     decision=decision)
-    return jobs.submit("pull", args, secrets={k: v for k, v in env.items() if k in SECRET_ENV})
+        node_id = decision.get("node_id")
+    return jobs.submit("pull", args, secrets={k: v for k, v in env.items() if k in SECRET_ENV},
+                       node_id=node_id)
 
 
 def routes(catalog: Catalog, puller: Puller, fitter: Fitter, jobs: JobRunner) -> list[Endpoint]:
@@ -66,8 +73,9 @@ def routes(catalog: Catalog, puller: Puller, fitter: Fitter, jobs: JobRunner) ->
     def start_pull(call: Call) -> dict[str, Any]:
         return submit_pull(puller, fitter, jobs, call.body, call.env)
 
-    @api.endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine, and why "
-                  "(?ref=REF[&ctx=N][&kv_type=f16|q8_0|q4_0][&headroom=0.1][&insecure=1])")
+    @api.endpoint("GET", "/v1/fit", "Which variant of a reference fits this machine (or, with "
+                  "fleet=1, which node of the fleet), and why (?ref=REF[&ctx=N]"
+                  "[&kv_type=f16|q8_0|q4_0][&headroom=0.1][&insecure=1][&fleet=1])")
     def fit(call: Call) -> dict[str, Any]:
         q: dict[str, Any] = dict(call.query)
         if not q.get("ref"):

@@ -75,8 +75,19 @@ async def updates(jobs: JobRunner, job_id: int, first: dict[str, Any],
             if handle is None:  # not run here (`first` is its row), or forgotten since
                 if watched is not None and current["state"] not in TERMINAL:
                     current = await run_in_threadpool(jobs.get, job_id)
-                yield current
-                return
+                if jobs.node_id is None or current["state"] in TERMINAL:
+                    yield current
+                    return
+                # Run by another node of the fleet: its row, as that node saves it (every
+                # second), until it ends.
+                seen_row = current["state"], current["progress"] if with_progress \
+                    else current["progress"].get("phase")
+                if seen_row != last:
+                    last = seen_row
+                    yield current
+                await asyncio.sleep(0.5)
+                current = await run_in_threadpool(jobs.get, job_id)
+                continue
             seen = handle.version if with_progress \
                 else (handle.state, handle.progress.get("phase"))
             if seen != last:
