@@ -289,3 +289,32 @@ def test_pull_fit_fleet_puts_it_on_the_chosen_node(fleet: Fleet, repo: Path) -> 
     out = b.json("fit", "hf.co/test/tiny:Q8_0", "--fleet")
     assert out["node"] == "b" and "holds those bytes already" in out["reason"]
     assert c.json("fit", "hf.co/test/tiny", "--fleet")["node"] == "c"
+
+
+def test_a_request_is_routed_to_the_node_that_holds_the_model(fleet: Fleet,
+                                                               tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="generation needs the llama extra (qmgr[llama])")
+    import ollama
+    import openai
+
+    a, b = fleet.nodes["a"], fleet.nodes["b"]
+    a.qmgr("import", str(make_tiny_gguf(tmp_path / "tiny-F16.gguf", ftype="F16")))
+    at_b = f"http://127.0.0.1:{fleet.ports['b']}"
+    # Asked of b, which has no copy: answered by a, streamed through b as it comes.
+    chunks = list(ollama.Client(host=at_b).generate(
+        model="tiny:F16", prompt="hello", stream=True, options={"num_predict": 4, "seed": 0}))
+    assert chunks[-1].done and not any(c.done for c in chunks[:-1])
+    assert [m.model for m in ollama.Client(host=f"http://127.0.0.1:{fleet.ports['a']}")
+            .ps().models] == ["tiny:F16"]
+    assert ollama.Client(host=at_b).ps().models == []
+    assert "routing /api/generate to http://127.0.0.1:" in b.daemon_log()
+    # OpenAI's SSE too, and a's heartbeat now says it has the model loaded.
+    wait_for("a's heartbeat with the model", lambda: fleet.view("c")["a"]["loaded"])
+    stream = openai.OpenAI(base_url=at_b + "/v1", api_key="unused").completions.create(
+        model="tiny:F16", prompt="hello", max_tokens=4, seed=0, stream=True)
+    pieces = list(stream)
+    assert pieces and pieces[-1].choices[0].finish_reason in ("length", "stop")
+    # A model nobody holds is b's own answer: not found.
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=at_b).generate(model="nothing-here", prompt="hi")
+    assert e.value.status_code == 404

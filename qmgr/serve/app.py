@@ -115,7 +115,12 @@ class Guard(BaseHTTPMiddleware):
                                      "Bearer FLEET_KEY)"}, status_code=401)
         elif self.api_key and request.url.path != "/":
             given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            from qmgr.fleet.routes import authorized
+
+            # A peer of the fleet passing on a request for a model it does not hold sends
+            # the fleet key (qmgr.fleet.router).
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()) \
+                    and not (self.fleet_key and authorized(request, self.fleet_key)):
                 # With the CORS headers: the page may read why it was refused.
                 return JSONResponse({"error": "missing or wrong API key (Authorization: "
                                      "Bearer KEY)"}, status_code=401, headers=cors)
@@ -146,13 +151,17 @@ def build_api_app(catalog: Catalog, running: Running, models: ModelManager, pull
                             status_code=500)
 
     peers = []
+    routing = []
     if catalog.node_id is not None and fleet_key:
+        from qmgr.fleet.router import Router
         from qmgr.fleet.routes import peer_routes
 
         peers = peer_routes(catalog)
+        routing = [Middleware(Router, catalog=catalog, fleet_key=fleet_key)]
     return Starlette(routes=[*ollama.routes(catalog, running, models),
                              *ollama.pull_routes(puller, fitter, jobs),
                              *openai.routes(catalog, running, models), *peers],
                      middleware=[Middleware(Guard, loopback=loopback, api_key=api_key,
-                                            origins=Origins(origins), fleet_key=fleet_key)],
+                                            origins=Origins(origins), fleet_key=fleet_key),
+                                 *routing],
                      exception_handlers={QmgrError: known, Exception: unexpected})
