@@ -318,3 +318,6 @@ def test_a_request_is_routed_to_the_node_that_holds_the_model(fleet: Fleet,
     with pytest.raises(ollama.ResponseError) as e:
         ollama.Client(host=at_b).generate(model="nothing-here", prompt="hi")
     assert e.value.status_code == 404
+    # The name pulled on b: its bytes from a (an import there, no origin at all).
+    b.qmgr("pull", "tiny:F16")
+    assert b.json("list")[0]["nodes"] == ["a", "b"]

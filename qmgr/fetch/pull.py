@@ -84,6 +84,14 @@ class Puller:
         """(what the user typed, what it stands for)."""
         ref = self.parse(raw)
         with self.catalog.reading() as session:
+            if ref.kind == "alias" and self.catalog.node_id is not None:
+                # In a fleet, a cataloged name (a variant another node pulled, imported or
+                # made) is pulled from the peers that hold it.
+                try:
+                    queries.resolve_one(session, raw)
+                    return ref, ref
+                except QmgrError:
+                    pass
             expanded = aliases.expand(session, ref)
         if expanded is not ref and expanded.kind not in BUILTIN_KINDS:
             expanded = self.parse(expanded.canonical)  # by the source that owns it, too
