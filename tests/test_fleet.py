@@ -32,9 +32,14 @@ class Fleet:
         self.ports: dict[str, int] = {}
         self.origin = origin
 
-    def add(self, name: str) -> Env:
+    def add(self, name: str, store: Path | None = None) -> Env:
+        """Start node ``name``; ``store``: its store is that folder (a shared one), not its
+        own."""
         root = Path(tempfile.mkdtemp(prefix=f"qf{name}-", dir="/tmp"))
         env = Env(root)
+        if store is not None:
+            env.home.mkdir(parents=True)
+            (env.home / "store").symlink_to(store)
         for hub in ("HF_ENDPOINT", "HF_TOKEN"):
             env.env.pop(hub, None)
         port = self.ports.setdefault(name, free_port())
@@ -140,8 +145,17 @@ def test_blob_from_peer_with_origin_stopped(fleet: Fleet, mirror: BadMirror,
     url = f"http://127.0.0.1:{fleet.ports['a']}/fleet/blobs/sha256:{row['sha256']}"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
-    ok = httpx.get(url, headers={"Authorization": f"Bearer {KEY}", "Range": "bytes=0-3"})
+    auth = {"Authorization": f"Bearer {KEY}"}
+    ok = httpx.get(url, headers={**auth, "Range": "bytes=0-3"})
     assert ok.status_code == 206 and ok.content == b"GGUF"
+    assert ok.headers["content-range"] == f"bytes 0-3/{src.stat().st_size}"
+    tail = httpx.get(url, headers={**auth, "Range": "bytes=-5"})
+    assert tail.status_code == 206 and tail.content == src.read_bytes()[-5:]
+    assert httpx.get(url, headers={**auth, "Range": "bytes=99999999-"}).status_code == 416
+    head = httpx.head(url, headers=auth)
+    assert head.status_code == 200 and int(head.headers["content-length"]) == \
+        src.stat().st_size and head.content == b""
+    assert httpx.get(url, headers=auth).content == src.read_bytes()
     missing = url[:-64] + "0" * 64
     assert httpx.get(missing, headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     # Each node's copies are its own: rows say which node holds what, where.
@@ -321,3 +335,26 @@ def test_a_request_is_routed_to_the_node_that_holds_the_model(fleet: Fleet,
     # The name pulled on b: its bytes from a (an import there, no origin at all).
     b.qmgr("pull", "tiny:F16")
     assert b.json("list")[0]["nodes"] == ["a", "b"]
+
+
+def test_a_shared_store_needs_no_fetch(mirror: BadMirror, repo: Path) -> None:
+    """One store (an NFS share, here a folder both homes link to) for two nodes: a file one
+    pulled is the other's at once, with neither the origin nor the peer asked."""
+    f = Fleet(pg_server().database(), mirror.url, {"d": "ram=1GiB", "e": "ram=1GiB"})
+    shared = Path(tempfile.mkdtemp(prefix="qfshared-", dir="/tmp"))
+    try:
+        d = f.add("d", store=shared)
+        d.qmgr("pull", "hf.co/test/tiny:Q8_0")
+        d.stop()  # gone: no peer to fetch from
+        mirror.stop()  # and no origin
+        e = f.add("e", store=shared)
+        e.qmgr("pull", "hf.co/test/tiny:Q8_0")
+        [row] = e.json("list")
+        assert row["nodes"] == ["e"] and row["state"] == "ready"
+        assert Path(row["paths"][0]).resolve().is_relative_to(shared.resolve())
+        assert e.catalog_rows("SELECT n.name FROM blob_copies c JOIN nodes n ON "
+                              "n.id = c.node_id ORDER BY n.name") == [("d",), ("e",)]
+        assert len(list((shared / "blobs").iterdir())) == 1
+    finally:
+        f.close()
+        shutil.rmtree(shared, ignore_errors=True)

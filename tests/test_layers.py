@@ -23,6 +23,7 @@ LAYERS = {
     "plugin": 3, "plugins": 3,  # the public plugin surface, and the loaded plugins
     "work": 4,
     "fetch": 5, "quantize": 5, "run": 5, "mirror": 5, "builtin": 5,
+    "fleet": 5,  # nodes, peers' blobs, routing: over the catalog and the jobs
     "eval": 6,  # measuring quants builds on running them
     "serve": 6,  # serving other programs builds on running (and, to come, pulling)
     "daemon": 7,

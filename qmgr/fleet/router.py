@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import BlobCopy, Node
+from qmgr.catalog.models import BlobCopy, Node, VariantState
 from qmgr.errors import QmgrError
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,17 @@ class Router:
 
     def peer_for(self, model: str) -> str | None:
         """The address of the peer to serve ``model``, or None: this node's to answer."""
-        from qmgr.serve.ollama import resolve
-
         with self.catalog.reading() as session:
-            try:
-                v = resolve(session, model)
-            except QmgrError:
-                return None  # unknown or not ready: the local answer says so
-            if all(queries.local_path(f.blob) for f in v.files):
+            v = None
+            for name in (model, model.removesuffix(":latest")):  # as the APIs resolve it
+                try:
+                    v = queries.resolve_one(session, name)
+                    break
+                except QmgrError:
+                    continue
+            if v is None or v.state != VariantState.READY or \
+                    all(queries.local_path(f.blob) for f in v.files):
+                # Unknown, not ready (the local answer says so), or here.
                 return None
             ref = f"{v.model.name}:{v.tag}"
             blob_ids = [f.blob_id for f in v.files]

@@ -150,18 +150,17 @@ def build_api_app(catalog: Catalog, running: Running, models: ModelManager, pull
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"},
                             status_code=500)
 
-    peers = []
-    routing = []
+    blobs, routing = [], []
     if catalog.node_id is not None and fleet_key:
         from qmgr.fleet.router import Router
-        from qmgr.fleet.routes import peer_routes
+        from qmgr.fleet.routes import PeerBlobs
 
-        peers = peer_routes(catalog)
+        blobs = [Middleware(PeerBlobs, catalog=catalog, fleet_key=fleet_key)]
         routing = [Middleware(Router, catalog=catalog, fleet_key=fleet_key)]
     return Starlette(routes=[*ollama.routes(catalog, running, models),
                              *ollama.pull_routes(puller, fitter, jobs),
-                             *openai.routes(catalog, running, models), *peers],
-                     middleware=[Middleware(Guard, loopback=loopback, api_key=api_key,
+                             *openai.routes(catalog, running, models)],
+                     middleware=[*blobs, Middleware(Guard, loopback=loopback, api_key=api_key,
                                             origins=Origins(origins), fleet_key=fleet_key),
                                  *routing],
                      exception_handlers={QmgrError: known, Exception: unexpected})
