@@ -90,6 +90,8 @@ CODES: dict[str, tuple[int, str]] = {
     "input_too_long": (400, "an input longer than the model takes, with truncation off"),
     "bad_format": (400, "a structured-output format (JSON schema) qmgr cannot enforce"),
     "queue_full": (503, "a model's queue of waiting requests is full: retry after a while"),
+    "catalog_unavailable": (503, "the catalog's database server is not answering, or undid a "
+                            "transaction two writers crossed in: retry after a while"),
     "eval_failed": (422, "an evaluation failed"),
     "tokenizer_mismatch": (409, "variants that tokenize differently: not one model"),
     "text_too_short": (400, "a text too short for one chunk of the context"),
@@ -191,4 +193,31 @@ def as_qmgr_error(exc: BaseException) -> QmgrError | None:
         return QmgrError("no space left for the catalog's database: free some disk space "
                          "(`qmgr rm` variants you do not use, or other files), then try again",
                          code="no_space")
+    return _from_postgresql(exc)
+
+
+# PostgreSQL's SQLSTATE codes a person (or a retry) can act on.
+PG_DISK_FULL = "53100"
+PG_RETRY = {"40001": "a serialization failure", "40P01": "a deadlock between two writers"}
+
+
+def _from_postgresql(exc: BaseException) -> QmgrError | None:
+    """A PostgreSQL catalog's errors that are the machine's, not a bug: its disk full, its
+    server away (a restart, the network), a transaction it undid for a crossing writer.
+    Read from SQLAlchemy's wrapper and psycopg's ``sqlstate`` without importing either."""
+    if not type(exc).__module__.startswith("sqlalchemy"):
+        return None
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None)
+    detail = str(orig or exc).strip().splitlines()[0][:300]
+    if state == PG_DISK_FULL:
+        return QmgrError(f"no space left on the catalog's PostgreSQL server ({detail}): free "
+                         "some there, then try again", code="no_space")
+    if state in PG_RETRY:
+        return QmgrError(f"the catalog undid this change: {PG_RETRY[state]} ({detail}); try "
+                         "again", code="catalog_unavailable")
+    if type(exc).__name__ == "OperationalError" and (state is None or state.startswith(
+            ("08", "57P"))):
+        return QmgrError(f"the catalog's database is not answering: {detail}",
+                         code="catalog_unavailable")
     return None

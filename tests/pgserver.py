@@ -44,6 +44,9 @@ class PgServer:
         self._count = itertools.count(1)
         self._run("initdb", "-D", str(self.data), "-U", "qmgr", "-A", "trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")
+        self.start()
+
+    def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-w", "-l", str(self.root / "log"), "start",
                   "-o", f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off "
                   "-c synchronous_commit=off -c full_page_writes=off -c timezone=UTC "
@@ -66,6 +69,10 @@ class PgServer:
         name = f"qmgr_{os.getpid()}_{next(self._count)}"
         self.psql(f"CREATE DATABASE {name}")
         return f"postgresql+psycopg://qmgr@/{name}?host={self.socket_dir}"
+
+    def pause(self) -> None:
+        """Stop the server, keeping its data (:meth:`start` brings it back)."""
+        self._run("pg_ctl", "-D", str(self.data), "-w", "-m", "fast", "stop")
 
     def stop(self) -> None:
         try:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -212,3 +213,62 @@ def test_a_pulled_with_reference_matches_without_case_on_every_engine(catalog_ur
         assert names("hf.co/owner/repo_x-gguf") == ["m0"]  # the repository, any case
         assert names("hf.co/OWNER/REPO_X-GGUF:q8_0") == ["m0"]
         assert names("hf.co/owner/repoyx-gguf") == ["m1"]  # "_" is not a wildcard
+
+
+def test_postgresql_errors_say_what_to_do() -> None:
+    """A deadlock PostgreSQL really detects between two writers, and a server that went away
+    and came back: clear errors (catalog_unavailable, 503), and the next request works."""
+    from conftest import pg_server
+
+    from qmgr.catalog.models import Model
+    from qmgr.errors import as_qmgr_error
+
+    catalog = Catalog(pg_server().database())
+    catalog.migrate()
+    with catalog.writing() as session:
+        session.add_all([Model(name="one"), Model(name="two")])
+    both = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def cross(first: str, second: str) -> None:
+        try:
+            with catalog.writing() as session:
+                session.execute(text("SELECT id FROM models WHERE name = :n FOR UPDATE"),
+                                {"n": first})
+                both.wait(10)
+                session.execute(text("SELECT id FROM models WHERE name = :n FOR UPDATE"),
+                                {"n": second})
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=cross, args=pair)
+               for pair in (("one", "two"), ("two", "one"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 1, errors  # PostgreSQL undid one of the two; the other committed
+    known = as_qmgr_error(errors[0])
+    assert known is not None and known.code == "catalog_unavailable"
+    assert "deadlock" in known.message and known.http_status == 503
+    catalog.close()
+
+
+def test_a_daemon_whose_postgresql_goes_away_says_so_and_recovers(qenv: Any) -> None:
+    from pgserver import PgServer
+
+    server = PgServer()  # its own: this test stops it
+    try:
+        qenv.env["QMGR_DATABASE_URL"] = server.database()
+        qenv.start()
+        assert qenv.json("list") == []
+        server.pause()
+        r = qenv.qmgr("list", check=False)
+        assert r.returncode != 0
+        assert "the catalog's database is not answering" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        server.start()
+        assert qenv.json("list") == []  # the pool reconnects: no restart needed
+    finally:
+        qenv.stop()
+        server.stop()
