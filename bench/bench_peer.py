@@ -3,9 +3,10 @@ same peer's blob endpoint, in one run.
 
 Run: python bench/bench_peer.py [--size-gib 1] [--runs 3]
 Target: qmgr >= 0.9x curl's speed at >= 1 GiB, qmgr's time including what curl's does not:
-the sha256 of every byte, the fsync, the catalog rows. Two qmgrd nodes on one PostgreSQL
-(tests/pgserver.py) on this machine: the "wire" is loopback, so the bound is the peer's read
-from the page cache, the copy through the kernel, and sha256 (printed: hashlib's speed here).
+the sha256 of every byte, the fsync, the catalog rows (curl followed by sha256sum is printed
+too). Two qmgrd nodes on one PostgreSQL (tests/pgserver.py) on this machine: the "wire" is
+loopback, so the bound is the peer's read from the page cache, the copy through the kernel,
+and sha256 (printed: hashlib's speed here).
 """
 
 from __future__ import annotations
