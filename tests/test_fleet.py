@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,9 +26,11 @@ HW = {"a": "ram=1GiB", "b": "ram=2GiB", "c": "ram=8GiB"}
 
 
 class Fleet:
-    def __init__(self, url: str, origin: str, hw: dict[str, str] | None = None):
+    def __init__(self, url: str, origin: str, hw: dict[str, str] | None = None,
+                 timeout: float = 2):
         self.url = url
         self.hw = hw or HW
+        self.timeout = timeout
         self.nodes: dict[str, Env] = {}
         self.ports: dict[str, int] = {}
         self.origin = origin
@@ -45,7 +48,7 @@ class Fleet:
         port = self.ports.setdefault(name, free_port())
         env.env.update(QMGR_DATABASE_URL=self.url, QMGR_NODE=name, QMGR_HW=self.hw[name],
                        QMGR_LISTEN=f"127.0.0.1:{port}", QMGR_HEARTBEAT="0.3",
-                       QMGR_NODE_TIMEOUT="2", QMGR_HF_ENDPOINT=self.origin,
+                       QMGR_NODE_TIMEOUT=str(self.timeout), QMGR_HF_ENDPOINT=self.origin,
                        QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05",
                        QMGR_RETRIES="3", QMGR_WARM_WORKERS="0")
         (root / "config.toml").write_text(f'fleet_key = "{KEY}"\n')
@@ -358,3 +361,45 @@ def test_a_shared_store_needs_no_fetch(mirror: BadMirror, repo: Path) -> None:
     finally:
         f.close()
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_peer_fetch_cut_off_resumes(tmp_path: Path) -> None:
+    """b killed while it fetches 2 GiB from a: started again, it claims its own job back and
+    goes on from the bytes it has, by byte ranges from the peer. (A minute's timeout: b is
+    back before anyone would take its job over.)"""
+    fleet = Fleet(pg_server().database(), "http://127.0.0.1:9", timeout=60)
+    try:
+        _resume(fleet, tmp_path)
+    finally:
+        fleet.close()
+
+
+def _resume(fleet: Fleet, tmp_path: Path) -> None:
+    from ggufmake import make_sparse_gguf
+
+    a, b = fleet.add("a"), fleet.add("b")
+    src = make_sparse_gguf(tmp_path / "big-Q4_K_M.gguf", 2 << 30)
+    a.qmgr("import", str(src), "--name", "big", timeout=300)
+    pull = subprocess.Popen([QMGR, "pull", "big:Q4_K_M"], env=b.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = b.home / "store" / "partial"
+    wait_for("b's fetch under way", lambda: partial.is_dir() and any(
+        p.suffix == ".state" for p in partial.iterdir()), timeout=120)
+    time.sleep(0.5)
+    b.stop(signal.SIGKILL)
+    pull.kill()
+    pull.wait()
+    assert [p for p in partial.iterdir() if p.suffix == ".partial"]  # kept for the resume
+    b.start()  # within the timeout: nobody took its job, it is b's again
+    done = wait_for("the pull finished on b", lambda: (
+        lambda j: j if j["state"] in ("succeeded", "failed") else None)(b.json("jobs")[0]),
+        timeout=300)
+    assert done["state"] == "succeeded", done
+    log = b.daemon_log()
+    resumed = [line for line in log.splitlines() if "resuming sha256-" in line]
+    assert resumed, log[-3000:]
+    have = int(resumed[0].split("resuming ")[1].split(": ")[1].split(" of ")[0])
+    assert 0 < have < src.stat().st_size
+    [row] = b.json("list")
+    assert row["nodes"] == ["a", "b"]
+    assert sha256_of(Path(row["paths"][0])) == row["sha256"]
