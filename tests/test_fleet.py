@@ -350,7 +350,11 @@ def test_a_shared_store_needs_no_fetch(mirror: BadMirror, repo: Path) -> None:
         d.qmgr("pull", "hf.co/test/tiny:Q8_0")
         d.stop()  # gone: no peer to fetch from
         mirror.stop()  # and no origin
+        # A copy another node is writing into the shared store: e's start leaves it alone.
+        busy = shared / "partial" / "0123456789abcdef.partial"
+        busy.write_bytes(b"being copied")
         e = f.add("e", store=shared)
+        assert busy.exists()
         e.qmgr("pull", "hf.co/test/tiny:Q8_0")
         [row] = e.json("list")
         assert row["nodes"] == ["e"] and row["state"] == "ready"

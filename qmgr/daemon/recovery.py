@@ -9,7 +9,8 @@ Runs after migrations and before the daemon reports READY:
   quarantined (its variants ``missing``, for a pull to fetch again);
 - a partial download (``.partial`` with its ``.state``) is kept for the pull that resumes it,
   unless it is older than ``partial_max_age`` (default 7 days); other partial files (an
-  interrupted copy) are removed;
+  interrupted copy) are removed, except, on a fleet node (whose store may be shared), those
+  written to in the last hour: another node may be writing them;
 - a file in ``store/blobs`` without a catalog row is hashed: kept if its bytes match its name (a
   later import or pull of the same bytes adopts it), quarantined otherwise.
 """
@@ -46,6 +47,9 @@ class Report:
 
 
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
+# In a fleet the store may be shared: a partial file another node is writing now (a copy,
+# a quantization) has no state file either, so one written to lately is left alone.
+SHARED_PARTIAL_GRACE_S = 3600
 
 
 def reconcile(catalog: Catalog, store: Store, partial_max_age: float = PARTIAL_MAX_AGE_S) -> Report:
@@ -57,7 +61,8 @@ def reconcile(catalog: Catalog, store: Store, partial_max_age: float = PARTIAL_M
         adopt = _adopter(catalog)
     else:
         known = _check_blobs(catalog, store, report)
-    _sweep(store, known, held, adopt, report, partial_max_age)
+    _sweep(store, known, held, adopt, report, partial_max_age,
+           grace=SHARED_PARTIAL_GRACE_S if catalog.node_id is not None else 0.0)
     log.info("recovery: %s", report)
     return report
 
@@ -159,12 +164,13 @@ def _adopter(catalog: Catalog) -> Callable[[str, Path], None]:
 
 def _sweep(store: Store, known: set[str], held: set[str] | None,
            adopt: Callable[[str, Path], None] | None, report: Report,
-           partial_max_age: float) -> None:
+           partial_max_age: float, grace: float) -> None:
     now = time.time()
     for partial in store.stale_partials():
         state = partial.with_suffix(".state")
         try:
-            fresh = state.exists() and now - state.stat().st_mtime < partial_max_age
+            fresh = (state.exists() and now - state.stat().st_mtime < partial_max_age) or \
+                (grace > 0 and now - partial.stat().st_mtime < grace)
         except OSError:
             fresh = False
         if fresh:
