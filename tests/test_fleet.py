@@ -32,6 +32,7 @@ class Fleet:
         self.hw = hw or HW
         self.timeout = timeout
         self.nodes: dict[str, Env] = {}
+        self.started: list[Env] = []  # every node started, a name started again included
         self.ports: dict[str, int] = {}
         self.origin = origin
 
@@ -52,6 +53,7 @@ class Fleet:
                        QMGR_STALL_TIMEOUT="2", QMGR_RETRY_BACKOFF="0.05",
                        QMGR_RETRIES="3", QMGR_WARM_WORKERS="0")
         (root / "config.toml").write_text(f'fleet_key = "{KEY}"\n')
+        self.started.append(env)
         env.start()
         self.nodes[name] = env
         return env
@@ -61,7 +63,7 @@ class Fleet:
         return {n["name"]: n for n in out["nodes"]}
 
     def close(self) -> None:
-        for env in self.nodes.values():
+        for env in self.started:
             if env.proc is not None and env.proc.poll() is None:
                 env.stop()
             shutil.rmtree(env.root, ignore_errors=True)
