@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchenv import qmgr_env
+from benchenv import qmgr_env, start_daemon
 
 BIN = Path(sys.executable).parent
 
@@ -68,12 +68,7 @@ def main() -> None:
     env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     try:
         fill_catalog(root / "home", args.variants)
-        daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            if (root / "s.sock").exists() and subprocess.run(
-                    [str(BIN / "qmgr"), "status"], env=env, capture_output=True).returncode == 0:
-                break
-            time.sleep(0.05)
+        daemon = start_daemon(env)
         out = subprocess.run([str(BIN / "qmgr"), "list", "--json"], env=env, capture_output=True,
                              check=True).stdout
         import json

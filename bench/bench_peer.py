@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchenv import qmgr_env
+from benchenv import qmgr_env, start_daemon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -68,12 +68,7 @@ def main() -> None:
                                   QMGR_LISTEN=f"127.0.0.1:{ports[name]}",
                                   QMGR_CONFIG=str(root / name / "config.toml"),
                                   QMGR_NO_AUTOSTART="1", QMGR_WARM_WORKERS="0")
-            daemons.append(subprocess.Popen([str(BIN / "qmgrd")], env=envs[name],
-                                            stderr=subprocess.DEVNULL))
-            for _ in range(600):
-                if (root / name / "s.sock").exists():
-                    break
-                time.sleep(0.1)
+            daemons.append(start_daemon(envs[name]))
         qmgr = str(BIN / "qmgr")
         src = make_sparse_gguf(root / "big-Q4_K_M.gguf", int(args.size_gib * 2**30))
         size = src.stat().st_size

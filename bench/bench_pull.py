@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchenv import qmgr_env
+from benchenv import qmgr_env, start_daemon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -52,12 +52,10 @@ def main() -> None:
     env = qmgr_env(root, QMGR_HF_ENDPOINT=server.url)
     if args.parts:
         env["QMGR_DOWNLOAD_PARTS"] = str(args.parts)
-    daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
+    daemon = start_daemon(env)
     qmgr = str(BIN / "qmgr")
     rows = []
     try:
-        while subprocess.run([qmgr, "status"], env=env, capture_output=True).returncode:
-            time.sleep(0.1)
         for i, gib in enumerate(args.size_gib):
             rows.append(measure(root, server.url, env, qmgr, f"big{i}", gib, args.runs))
     finally:

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchenv import qmgr_env
+from benchenv import qmgr_env, start_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -80,12 +80,10 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="qmq-", dir="/tmp"))
     env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
     qmgr = str(BIN / "qmgr")
-    daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
+    daemon = start_daemon(env)
     direct_s, qmgr_s, inside_s = [], [], []
     cpu_direct, cpu_qmgr, cpu_client, cpu_daemon = [], [], [], []
     try:
-        while subprocess.run([qmgr, "status"], env=env, capture_output=True).returncode:
-            time.sleep(0.1)
         subprocess.run([qmgr, "import", "--name", "bench", str(src)], env=env, check=True,
                        capture_output=True)
         # One untimed job first: it starts the worker that loads llama-cpp-python, which the

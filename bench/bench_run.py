@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchenv import qmgr_env
+from benchenv import qmgr_env, start_daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -76,12 +76,9 @@ def main() -> None:
     model = find_gemma_gguf()
     root = Path(tempfile.mkdtemp(prefix="qmr-", dir="/tmp"))
     env = qmgr_env(root, QMGR_NO_AUTOSTART="1")
-    daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
+    daemon = start_daemon(env)
     qmgr_tps, direct_tps = [], []
     try:
-        while subprocess.run([str(BIN / "qmgr"), "status"], env=env,
-                             capture_output=True).returncode:
-            time.sleep(0.1)
         subprocess.run([str(BIN / "qmgr"), "import", "--name", "bench", str(model)], env=env,
                        check=True, capture_output=True)
         through_qmgr(env, 8)  # load the runner once: the speed of generation is measured

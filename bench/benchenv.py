@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+BIN = Path(sys.executable).parent
 
 
 def qmgr_env(root: Path, **extra: str) -> dict[str, str]:
@@ -18,3 +23,14 @@ def qmgr_env(root: Path, **extra: str) -> dict[str, str]:
     env.update(QMGR_HOME=str(root / "home"), QMGR_SOCKET=str(root / "s.sock"), QMGR_PLUGINS="")
     env.update(extra)
     return env
+
+
+def start_daemon(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``qmgrd`` in ``env``, returned once ``qmgr status`` answers (the caller stops it)."""
+    daemon = subprocess.Popen([str(BIN / "qmgrd")], env=env, stderr=subprocess.DEVNULL)
+    while subprocess.run([str(BIN / "qmgr"), "status"], env=env,
+                         capture_output=True).returncode:
+        if daemon.poll() is not None:
+            raise SystemExit(f"qmgrd exited ({daemon.returncode}) before it answered")
+        time.sleep(0.05)
+    return daemon

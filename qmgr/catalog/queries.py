@@ -119,7 +119,7 @@ def local_paths(v: Variant) -> list[str]:
         return [p for p in paths if p is not None]
     session = object_session(v)
     ids = [f.blob_id for f in v.files]
-    nodes = _on_every(holders(session, ids), ids) if session is not None else []
+    nodes = on_every(holders(session, ids), ids) if session is not None else []
     where = f"on {', '.join(nodes)}" if nodes else "on no node that is up"
     raise QmgrError(f"{v.model.name}:{v.tag} is {where}, not on this node: `qmgr pull "
                     f"{v.model.name}:{v.tag}` here fetches it from its peers",
@@ -127,17 +127,16 @@ def local_paths(v: Variant) -> list[str]:
 
 
 def variant_dict(v: Variant) -> dict[str, Any]:
-    """The API's view of a variant (one row of ``qmgr list``)."""
+    """The API's view of a variant (one row of ``qmgr list``); in a fleet, with ``nodes``."""
     row = _row(v, v.model, [p for f in v.files if (p := local_path(f.blob)) is not None])
-    if v.id is not None and object_session(v) is not None and \
-            node_of(object_session(v)) is not None:  # type: ignore[arg-type]
-        row["nodes"] = _on_every(holders(object_session(v),  # type: ignore[arg-type]
-                                         [f.blob_id for f in v.files]),
-                                 [f.blob_id for f in v.files])
+    session = object_session(v)
+    if session is not None and node_of(session) is not None:
+        ids = [f.blob_id for f in v.files]
+        row["nodes"] = on_every(holders(session, ids), ids)
     return row
 
 
-def _on_every(held: dict[int, list[str]], blob_ids: list[int]) -> list[str]:
+def on_every(held: dict[int, list[str]], blob_ids: list[int]) -> list[str]:
     """The nodes holding every one of ``blob_ids``."""
     sets = [set(held.get(b, [])) for b in blob_ids]
     return sorted(set.intersection(*sets)) if sets else []
@@ -174,7 +173,7 @@ def list_rows(session: Session) -> list[dict[str, Any]]:
     rows = [_row(r, r, paths.get(r.id, [])) for r in session.execute(query)]
     if node_id is not None:
         for row in rows:
-            row["nodes"] = _on_every(held, files.get(row["id"], []))
+            row["nodes"] = on_every(held, files.get(row["id"], []))
     return rows
 
 
@@ -276,6 +275,17 @@ def _pulled_with(session: Session, raw: str) -> list[Variant]:
         return [v for v in session.scalars(query)
                 if (v.source_ref or "").lower() == ref.canonical.lower()]
     return list(session.scalars(query.where(Variant.source_ref.in_(wanted))))
+
+
+def resolve_served(session: Session, name: str) -> Variant:
+    """The variant a served API's ``model`` names: the name, else the name without Ollama's
+    ``:latest``; ``not_found`` otherwise."""
+    for candidate in (name, name.removesuffix(":latest")):
+        try:
+            return resolve_one(session, candidate)
+        except NotFound:
+            continue
+    raise NotFound(f"model '{name}' not found")
 
 
 def resolve_one(session: Session, ref: str) -> Variant:

@@ -84,16 +84,11 @@ def _check_blobs(catalog: Catalog, store: Store, report: Report) -> set[str]:
             elif blob.in_store:
                 # Written since it was verified (or never timed): its name is a promise only
                 # its bytes can keep. Hashed; bytes that break it go to quarantine.
-                report.rehashed += 1
-                if hash_file(Path(blob.path))[0] == blob.sha256:
+                if _rehashed(blob.path, blob.sha256, store, report):
                     blob.mtime_ns = st.st_mtime_ns
                     report.restored += queries.set_state_for_blob(session, blob,
                                                                   VariantState.READY)
                 else:
-                    target = store.quarantine / Path(blob.path).name
-                    os.replace(blob.path, target)
-                    report.quarantined.append(str(target))
-                    log.warning("quarantined %s: its bytes no longer match its name", blob.path)
                     report.missing += queries.set_state_for_blob(session, blob,
                                                                  VariantState.MISSING)
             else:

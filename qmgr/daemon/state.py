@@ -70,11 +70,8 @@ class Daemon:
 
     def _loaded(self) -> list[dict[str, Any]]:
         """What this node's runners hold, as its heartbeat tells the fleet."""
-        models = getattr(self, "models", None)  # None while the daemon starts
-        if models is None:
-            return []
         return [{k: r[k] for k in ("ref", "ctx", "rss", "busy", "backend")}
-                for r in models.ps()]
+                for r in self.models.ps()]
 
     def close(self) -> None:
         if self.fleet is not None:

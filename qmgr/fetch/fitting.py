@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from qmgr import gguf
 from qmgr.catalog import queries
-from qmgr.catalog.models import Eval, Model, Variant
+from qmgr.catalog.models import Blob, BlobCopy, Eval, Model, Node, Variant
 from qmgr.errors import NotFound, QmgrError
 from qmgr.fetch import aliases
 from qmgr.fetch.pull import Puller
@@ -205,6 +205,9 @@ class Fitter:
     def fit(self, req: FitRequest) -> tuple[dict[str, Any], Decision,
                                             dict[str, RemoteVariant]]:
         """The decision for a reference, with the hardware it was made for."""
+        if req.fleet and self.puller.catalog.node_id is None:
+            raise QmgrError("--fleet: this daemon is no fleet node (docs/fleet.md)",
+                            code="bad_request")
         snap = self.hardware(req.hw)
         typed = self.puller.parse(req.ref)
         remote: dict[str, RemoteVariant] = {}
@@ -230,7 +233,7 @@ class Fitter:
         if remote and model:
             self.measure_remote(model, candidates)
         if req.fleet:
-            return self._fleet_fit(req, candidates, where, header_bytes) + (remote,)
+            return (*self._fleet_fit(req, candidates, where, header_bytes), remote)
         decision = decide(candidates, snap.devices, req.ctx, req.kv_type, req.headroom)
         out = decision.to_dict()
         out.update(ref=req.ref, source=where, header_bytes=header_bytes,
@@ -242,11 +245,6 @@ class Fitter:
         """The decision for every up node, from its heartbeat's devices, and the node to put
         the pick on: the best quality that fits anywhere; among equals, the node that already
         holds those bytes, then the one with the most free memory."""
-        from qmgr.catalog.models import Blob, BlobCopy, Node
-
-        if self.puller.catalog.node_id is None:
-            raise QmgrError("--fleet: this daemon is no fleet node (docs/fleet.md)",
-                            code="bad_request")
         digests = {str(c.info["sha256"]) for c in candidates if c.info.get("sha256")}
         with self.puller.catalog.reading() as session:
             nodes = [(n.name, n.id, n.hardware) for n in session.scalars(
@@ -259,36 +257,47 @@ class Fitter:
             devices = [hardware.Device.from_dict(d) for d in (hw or {}).get("devices", [])]
             decision = decide(candidates, devices, req.ctx, req.kv_type, req.headroom)
             pick = decision.pick
-            has = bool(pick and (name, pick.candidate.info.get("sha256")) in held)
-            free = sum(d.memory_free or 0 for d in devices)
-            per_node.append((name, node_id, decision, has, free, devices))
-        fitting = [n for n in per_node if n[2].pick is not None]
-        if not fitting:
-            # As on one machine: why nothing fits, for the largest node.
-            name, _id, decision, _has, _free, devices = max(per_node, key=lambda n: n[4]) \
-                if per_node else ("", 0, decide(candidates, [], req.ctx, req.kv_type,
-                                                req.headroom), False, 0, [])
-            chosen = None
-        else:
-            chosen = min(fitting, key=lambda n: (n[2].pick.rank,  # type: ignore[union-attr]
-                                                 not n[3], -n[4], n[0]))
-            name, _id, decision, _has, _free, devices = chosen
-        out = decision.to_dict()
+            per_node.append(_NodeFit(
+                name, node_id, decision, devices, sum(d.memory_free or 0 for d in devices),
+                bool(pick and (name, pick.candidate.info.get("sha256")) in held)))
+        fitting = [n for n in per_node if n.rank is not None]
+        chosen = min(fitting, key=lambda n: (n.rank, not n.has_blob, -n.free, n.name)) \
+            if fitting else None
+        # Nothing fits anywhere: why, as on one machine, for the largest node.
+        shown = chosen or (max(per_node, key=lambda n: n.free) if per_node else _NodeFit(
+            "", 0, decide(candidates, [], req.ctx, req.kv_type, req.headroom), [], 0, False))
+        out = shown.decision.to_dict()
         out.update(ref=req.ref, source=where, header_bytes=header_bytes,
-                   hardware={"source": "fleet", "devices": [d.to_dict() for d in devices],
+                   hardware={"source": "fleet", "devices": [d.to_dict() for d in shown.devices],
                              "errors": []},
-                   node=name if chosen else None, node_id=chosen[1] if chosen else None,
-                   nodes=[{"name": n, "pick": d.pick.candidate.quant if d.pick else None,
-                           "rank": d.pick.rank if d.pick else None, "has_blob": has,
-                           "free": free, "reason": d.reason}
-                          for n, _i, d, has, free, _dev in per_node])
+                   node=chosen.name if chosen else None,
+                   node_id=chosen.node_id if chosen else None,
+                   nodes=[{"name": n.name, "pick": n.decision.pick.candidate.quant
+                           if n.decision.pick else None, "rank": n.rank,
+                           "has_blob": n.has_blob, "free": n.free, "reason": n.decision.reason}
+                          for n in per_node])
         if chosen:
-            ranks = [n[2].pick.rank for n in fitting if n[2].pick is not None]
-            best = chosen[2].pick.rank if chosen[2].pick is not None else -1
-            why = "holds those bytes already" if chosen[3] else (
-                "has the most free memory" if ranks.count(best) > 1 else "is where it fits best")
-            out["reason"] = f"on node {name} ({why}): {decision.reason}"
-        return out, decision
+            tied = sum(n.rank == chosen.rank for n in fitting) > 1
+            why = "holds those bytes already" if chosen.has_blob else (
+                "has the most free memory" if tied else "is where it fits best")
+            out["reason"] = f"on node {chosen.name} ({why}): {chosen.decision.reason}"
+        return out, shown.decision
+
+
+@dataclass
+class _NodeFit:
+    """One node's decision in a fleet fit."""
+
+    name: str
+    node_id: int
+    decision: Decision
+    devices: list[hardware.Device]
+    free: int  # bytes free on its devices, as its last heartbeat said
+    has_blob: bool  # it holds the bytes of its pick
+
+    @property
+    def rank(self) -> int | None:
+        return self.decision.pick.rank if self.decision.pick else None
 
 
 def _ref(v: Variant) -> str:

@@ -25,7 +25,7 @@ from sqlalchemy import select
 from qmgr import gguf
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import Blob, Origin, Variant, VariantState
+from qmgr.catalog.models import Blob, BlobCopy, Node, Origin, Variant, VariantState
 from qmgr.catalog.record import AttachedFile, ShardFile, combined_facts, record_variant
 from qmgr.errors import GGUFError, NotFound, QmgrError
 from qmgr.fetch import aliases
@@ -217,12 +217,12 @@ class Puller:
             blobs = [(queries.local_path(f.blob), f.blob.sha256, f.blob.size)
                      for f in variant.files]
         out = []
-        progress = _Counter(handle, 0) if handle is not None else None
         for where, sha, size in blobs:
             path = Path(where) if where else self.have_blob(sha)
-            if (path is None or not path.is_file()) and handle and progress:
+            if (path is None or not path.is_file()) and handle is not None:
                 with self.fetching.hold(sha, handle):
-                    path = self.have_blob(sha) or self.from_peers(sha, handle, progress)
+                    path = self.have_blob(sha) or self.from_peers(sha, handle,
+                                                                  _Counter(handle, 0))
             if path is None or not path.is_file() or path.stat().st_size != size:
                 return None
             out.append(ShardFile(path, gguf.inspect(path), sha, size))
@@ -233,8 +233,6 @@ class Puller:
         or without a fleet key): URLs of their API listeners, most recently heard first."""
         if self.catalog.node_id is None or not self.fleet_key:
             return []
-        from qmgr.catalog.models import BlobCopy, Node
-
         with self.catalog.reading() as session:
             rows = session.execute(
                 select(Node.name, Node.address, Blob.size)

@@ -18,11 +18,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import BlobCopy, Job, JobState, Node
+from qmgr.catalog.models import Blob, BlobCopy, Job, JobState, Node
 from qmgr.errors import QmgrError
 from qmgr.settings import Settings, knob
 from qmgr.work.jobs import JobRunner
@@ -153,13 +153,8 @@ class FleetNode:
 def fleet_view(session: Session) -> list[dict[str, Any]]:
     """Every node: its state, address, devices, free memory, loaded models, blobs held, and
     how long ago it last heartbeat (by the database's clock)."""
-    now = db_now(session) if session.bind is not None and \
-        session.bind.dialect.name == "postgresql" else None
+    now = db_now(session)
     held: dict[int, tuple[int, int]] = {}
-    from sqlalchemy import func
-
-    from qmgr.catalog.models import Blob
-
     for node_id, count, size in session.execute(
             select(BlobCopy.node_id, func.count(), func.coalesce(func.sum(Blob.size), 0))
             .join(Blob, BlobCopy.blob_id == Blob.id).group_by(BlobCopy.node_id)):
@@ -179,6 +174,6 @@ def fleet_view(session: Session) -> list[dict[str, Any]]:
             "hardware_source": (node.hardware or {}).get("source"),
             "loaded": node.loaded or [], "blobs": blobs, "blob_bytes": size,
             "running_jobs": running.get(node.id, 0),
-            "heartbeat_age": (now - node.heartbeat_at).total_seconds() if now else None,
+            "heartbeat_age": (now - node.heartbeat_at).total_seconds(),
             "started_at": node.started_at.isoformat()})
     return out

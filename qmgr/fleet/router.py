@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from qmgr.catalog import queries
 from qmgr.catalog.db import Catalog
-from qmgr.catalog.models import BlobCopy, Node, VariantState
+from qmgr.catalog.models import Node, VariantState
 from qmgr.errors import QmgrError
 
 log = logging.getLogger(__name__)
@@ -85,35 +85,25 @@ class Router:
     def peer_for(self, model: str) -> str | None:
         """The address of the peer to serve ``model``, or None: this node's to answer."""
         with self.catalog.reading() as session:
-            v = None
-            for name in (model, model.removesuffix(":latest")):  # as the APIs resolve it
-                try:
-                    v = queries.resolve_one(session, name)
-                    break
-                except QmgrError:
-                    continue
-            if v is None or v.state != VariantState.READY or \
-                    all(queries.local_path(f.blob) for f in v.files):
-                # Unknown, not ready (the local answer says so), or here.
-                return None
+            try:
+                v = queries.resolve_served(session, model)
+            except QmgrError:
+                return None  # unknown or ambiguous: the local answer says so
+            if v.state != VariantState.READY or all(queries.local_path(f.blob)
+                                                    for f in v.files):
+                return None  # not ready (the local answer says so), or here
             ref = f"{v.model.name}:{v.tag}"
-            blob_ids = [f.blob_id for f in v.files]
-            nodes = session.execute(select(Node.id, Node.address, Node.loaded, Node.hardware)
-                                    .where(Node.state == "up", Node.address.is_not(None),
-                                           Node.id != self.catalog.node_id)).all()
-            counts: dict[int, int] = {}
-            for node_id, _blob in session.execute(select(BlobCopy.node_id, BlobCopy.blob_id)
-                                                   .where(BlobCopy.blob_id.in_(blob_ids))):
-                counts[node_id] = counts.get(node_id, 0) + 1
-            holding = {n for n, c in counts.items() if c == len(blob_ids)}
+            ids = [f.blob_id for f in v.files]
+            holding = queries.on_every(queries.holders(session, ids), ids)
+            nodes = session.execute(select(Node.address, Node.loaded, Node.hardware).where(
+                Node.name.in_(holding), Node.address.is_not(None),
+                Node.id != self.catalog.node_id)).all()
 
         def free(hw: dict[str, Any] | None) -> int:
             return sum(d.get("memory_free") or 0 for d in (hw or {}).get("devices", []))
 
-        loaded = [n for n in nodes if n.id in holding
-                  and any(m.get("ref") == ref for m in n.loaded or [])]
-        able = sorted((n for n in nodes if n.id in holding), key=lambda n: -free(n.hardware))
-        choice = loaded or able
+        loaded = [n for n in nodes if any(m.get("ref") == ref for m in n.loaded or [])]
+        choice = loaded or sorted(nodes, key=lambda n: -free(n.hardware))
         return str(choice[0].address) if choice else None
 
     async def forward(self, address: str, scope: Scope, body: bytes, send: Send) -> None:

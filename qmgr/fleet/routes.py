@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
 
 from qmgr.catalog.db import Catalog
 from qmgr.catalog.models import Blob, BlobCopy
@@ -37,9 +36,9 @@ def routes(catalog: Catalog, name: str | None) -> list[Endpoint]:
     return api.endpoints
 
 
-def authorized(request: Request, fleet_key: str | None) -> bool:
-    given = request.headers.get("authorization", "")
-    return bool(fleet_key) and hmac.compare_digest(given.encode(),
+def authorized(authorization: str, fleet_key: str | None) -> bool:
+    """Whether an ``Authorization`` header carries the fleet's key."""
+    return bool(fleet_key) and hmac.compare_digest(authorization.encode(),
                                                    f"Bearer {fleet_key}".encode())
 
 
@@ -74,8 +73,7 @@ class PeerBlobs:
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
 
-        given = headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.fleet_key}".encode()):
+        if not authorized(headers.get("authorization", ""), self.fleet_key):
             await answer(401, "missing or wrong fleet key (Authorization: Bearer FLEET_KEY)")
             return
         if scope["method"] not in ("GET", "HEAD"):

@@ -35,6 +35,7 @@ from qmgr.catalog.db import Catalog
 from qmgr.errors import Busy, QmgrError
 from qmgr.fetch.fitting import Fitter
 from qmgr.fetch.pull import Puller
+from qmgr.fleet.routes import authorized
 from qmgr.run.loading import Running
 from qmgr.run.manager import ModelManager
 from qmgr.serve import ollama, openai
@@ -106,21 +107,12 @@ class Guard(BaseHTTPMiddleware):
                     "Access-Control-Max-Age": CORS_MAX_AGE,
                     "Vary": "Origin, Access-Control-Request-Method, "
                             "Access-Control-Request-Headers"})
-        if request.url.path.startswith("/fleet/"):
-            # A fleet's peers, with the fleet's key (not the API key programs get).
-            from qmgr.fleet.routes import authorized
-
-            if not authorized(request, self.fleet_key):
-                return JSONResponse({"error": "missing or wrong fleet key (Authorization: "
-                                     "Bearer FLEET_KEY)"}, status_code=401)
-        elif self.api_key and request.url.path != "/":
+        if self.api_key and request.url.path != "/":
             given = request.headers.get("authorization", "")
-            from qmgr.fleet.routes import authorized
-
             # A peer of the fleet passing on a request for a model it does not hold sends
             # the fleet key (qmgr.fleet.router).
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()) \
-                    and not (self.fleet_key and authorized(request, self.fleet_key)):
+                    and not authorized(given, self.fleet_key):
                 # With the CORS headers: the page may read why it was refused.
                 return JSONResponse({"error": "missing or wrong API key (Authorization: "
                                      "Bearer KEY)"}, status_code=401, headers=cors)

@@ -112,16 +112,11 @@ def keep_alive_of(value: Any) -> float | None:
 
 def resolve(session: Session, name: str, ready: bool = True) -> Variant:
     """The (ready) variant an Ollama ``model`` names, else ``not_found`` (404, as Ollama)."""
-    for candidate in (name, name.removesuffix(":latest")):
-        try:
-            v = queries.resolve_one(session, candidate)
-        except NotFound:
-            continue
-        if ready and v.state != VariantState.READY:
-            raise QmgrError(f"model '{name}' is {v.state}: its file is not usable",
-                            code="not_ready")
-        return v
-    raise NotFound(f"model '{name}' not found")
+    v = queries.resolve_served(session, name)
+    if ready and v.state != VariantState.READY:
+        raise QmgrError(f"model '{name}' is {v.state}: its file is not usable",
+                        code="not_ready")
+    return v
 
 
 def routes(catalog: Catalog, running: Running, models: ModelManager) -> list[Route]:
